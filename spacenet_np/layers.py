@@ -1,0 +1,203 @@
+"""Neuron index and sparse layer: the data structures that make cost follow live connections, not width.
+
+A layer of ``width`` neurons stores state only for the neurons that ever received a connection. Each such neuron
+gets a compact *slot* the first time it is selected; activations, biases and importances are indexed by slot.
+A neuron without a slot has no connections and a zero bias, so it outputs ReLU(0) = 0 and costs nothing.
+"""
+import numpy as np
+import scipy.sparse
+
+from . import kernels
+
+FREE = -1  # ``reserved_by`` value of a free neuron
+
+
+class NeuronIndex:
+    """The neurons of one layer: compact slots, biases and the free list (Algorithm 1's ``h_l^free``).
+
+    ``slot_ids`` maps slot -> neuron id; ``reserved_by`` holds, per slot, the task a neuron is reserved for (or
+    ``FREE``). The free list is the complement of the reserved neurons, never materialized for the whole width.
+    With ``dense=True`` every neuron has a slot equal to its id (the input and output layers).
+    """
+
+    def __init__(self, width, dense=False):
+        if int(width) < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.width = int(width)
+        self.dense = dense
+        n = self.width if dense else 0
+        self.slot_ids = np.arange(n, dtype=np.int64)
+        self.reserved_by = np.full(n, FREE, dtype=np.int16)
+        self.bias = np.zeros(n, dtype=np.float32)
+        self._slot_of = None if dense else {}
+
+    @property
+    def n_slots(self):
+        return self.slot_ids.shape[0]
+
+    @property
+    def n_free(self):
+        """Number of free (not reserved) neurons, slotted or not."""
+        return self.width - int(np.count_nonzero(self.reserved_by != FREE))
+
+    def free_slots(self):
+        """Slots of the free neurons that have a slot. Returns (k,) int64."""
+        return np.flatnonzero(self.reserved_by == FREE)
+
+    def slots_for(self, neuron_ids):
+        """Slots of ``neuron_ids``, creating slots for neurons that have none yet. Returns (k,) int64."""
+        neuron_ids = np.asarray(neuron_ids, dtype=np.int64)
+        if self.dense:
+            return neuron_ids.copy()
+        new_ids = [int(n) for n in neuron_ids if int(n) not in self._slot_of]
+        for n in new_ids:
+            self._slot_of[n] = len(self._slot_of)
+        if new_ids:
+            k = len(new_ids)
+            self.slot_ids = np.concatenate([self.slot_ids, np.asarray(new_ids, dtype=np.int64)])
+            self.reserved_by = np.concatenate([self.reserved_by, np.full(k, FREE, dtype=np.int16)])
+            self.bias = np.concatenate([self.bias, np.zeros(k, dtype=np.float32)])
+        return np.fromiter((self._slot_of[int(n)] for n in neuron_ids), dtype=np.int64, count=neuron_ids.size)
+
+    def sample_free(self, count, rng):
+        """Draw ``count`` distinct free neuron ids uniformly at random (Algorithm 2, line 4).
+
+        Rejection sampling over ``[0, width)`` keeps this O(count + reserved) for wide layers; when few neurons are
+        free the free ids are listed explicitly, which then costs O(width) = O(reserved).
+        Returns (count,) int64 neuron ids.
+        """
+        if count > self.n_free:
+            raise ValueError(f"cannot select {count} neurons: only {self.n_free} of {self.width} are free")
+        reserved = set(self.slot_ids[self.reserved_by != FREE].tolist())
+        if 4 * len(reserved) > 3 * self.width:
+            free_ids = np.setdiff1d(np.arange(self.width), np.fromiter(reserved, np.int64, len(reserved)))
+            return rng.choice(free_ids, size=count, replace=False)
+        chosen = {}
+        while len(chosen) < count:
+            for n in rng.integers(0, self.width, size=2 * (count - len(chosen)) + 8).tolist():
+                if n not in reserved and n not in chosen and len(chosen) < count:
+                    chosen[n] = None
+        return np.fromiter(chosen, dtype=np.int64, count=count)
+
+    def reserve(self, slots, task):
+        """Reserve the neurons at ``slots`` for ``task`` (Algorithm 4, lines 6-7)."""
+        if np.any(self.reserved_by[slots] != FREE):
+            raise ValueError("a neuron can be reserved only once")
+        self.reserved_by[slots] = task
+
+
+class SparseLinear:
+    """A sparse fully connected layer ``out = W @ x + bias`` between two ``NeuronIndex`` objects.
+
+    ``W`` is a ``scipy.sparse.csr_array`` of shape (out slots, in slots). Per-connection state is aligned with
+    ``W.data``: ``owner`` (the task that allocated the connection, int16) and ``importance`` (Omega of Eq. 3,
+    float32). ``rows`` and the CSC view (``col_ptr``, ``col_order``) are derived from the structure and rebuilt
+    together with it.
+    """
+
+    def __init__(self, in_index, out_index):
+        self.in_index = in_index
+        self.out_index = out_index
+        empty = np.zeros(0, dtype=np.int64)
+        self._set_connections(empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, np.float32))
+
+    # ----- structure -----
+    @property
+    def nnz(self):
+        return self.W.data.shape[0]
+
+    @property
+    def weights(self):
+        return self.W.data
+
+    @property
+    def indices(self):
+        return self.W.indices
+
+    @property
+    def indptr(self):
+        return self.W.indptr
+
+    @property
+    def bias(self):
+        return self.out_index.bias
+
+    def connections_of(self, task):
+        """Connection ids (positions in ``W.data``) owned by ``task``. Returns (m,) int64."""
+        return np.flatnonzero(self.owner == task)
+
+    def add_connections(self, rows, cols, weights, owner, importance=None):
+        """Insert connections at (row slot, column slot) positions that must be empty."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        if importance is None:
+            importance = np.zeros(rows.shape[0], dtype=np.float32)
+        self._set_connections(
+            np.concatenate([self.rows, rows]), np.concatenate([self.indices.astype(np.int64), cols]),
+            np.concatenate([self.weights, np.asarray(weights, np.float32)]),
+            np.concatenate([self.owner, np.broadcast_to(np.asarray(owner, np.int16), rows.shape)]),
+            np.concatenate([self.importance, np.asarray(importance, np.float32)]))
+
+    def remove_connections(self, connection_ids):
+        """Delete the connections at ``connection_ids``. Returns their (rows, cols, weights, owner, importance)."""
+        keep = np.ones(self.nnz, dtype=bool)
+        keep[connection_ids] = False
+        removed = (self.rows[~keep].astype(np.int64), self.indices[~keep].astype(np.int64), self.weights[~keep],
+                   self.owner[~keep], self.importance[~keep])
+        self._set_connections(self.rows[keep], self.indices[keep], self.weights[keep], self.owner[keep],
+                              self.importance[keep])
+        return removed
+
+    def occupied_keys(self, row_slots, col_slots):
+        """Flat keys ``row * n_in_slots + col`` of the connections inside the block ``row_slots x col_slots``."""
+        in_rows = np.isin(self.rows, row_slots)
+        in_block = in_rows & np.isin(self.indices, col_slots)
+        return self.rows[in_block].astype(np.int64) * self.in_index.n_slots + self.indices[in_block]
+
+    def _set_connections(self, rows, cols, weights, owner, importance):
+        """Rebuild the CSR (sorted by row, then column), its aligned arrays and the CSC view."""
+        n_out, n_in = self.out_index.n_slots, self.in_index.n_slots
+        order = np.lexsort((cols, rows))
+        rows, cols = rows[order], cols[order]
+        indptr = np.zeros(n_out + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_out), out=indptr[1:])
+        self.W = scipy.sparse.csr_array(
+            (np.ascontiguousarray(weights[order], np.float32), cols.astype(np.int32), indptr), shape=(n_out, n_in))
+        self.owner = np.ascontiguousarray(owner[order], np.int16)
+        self.importance = np.ascontiguousarray(importance[order], np.float32)
+        self.rows = rows.astype(np.int32)
+        self.col_order = np.argsort(self.indices, kind="stable").astype(np.int64)
+        self.col_ptr = np.zeros(n_in + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.indices, minlength=n_in), out=self.col_ptr[1:])
+
+    def resize_to_indices(self):
+        """Follow new slots of the neuron indices (slots are only appended, so positions stay valid)."""
+        self._set_connections(self.rows.astype(np.int64), self.indices.astype(np.int64), self.weights, self.owner,
+                              self.importance)
+
+    # ----- computation -----
+    def forward(self, x, out, relu):
+        """``out = W @ x + bias`` (then ReLU). x (in slots, batch) float32, out (out slots, batch) float32."""
+        kernel = kernels.pick(kernels.csr_forward, self.nnz * x.shape[1])
+        kernel(self.indptr, self.indices, self.weights, self.bias, x, out, relu)
+        return out
+
+    def backward_input(self, delta, input_activation, out):
+        """Gradient at the input through its ReLU. delta (out slots, batch), input_activation/out (in slots, batch)."""
+        kernel = kernels.pick(kernels.csc_backward_input, self.nnz * delta.shape[1])
+        kernel(self.col_ptr, self.col_order, self.rows, self.weights, delta, input_activation, out)
+        return out
+
+    def weight_grad(self, connections, delta, x):
+        """dL/dW at ``connections``. delta (out slots, batch), x (in slots, batch). Returns (m,) float32."""
+        grad = np.empty(connections.shape[0], dtype=np.float32)
+        kernel = kernels.pick(kernels.sampled_weight_grad, connections.shape[0] * x.shape[1])
+        kernel(connections, self.rows, self.indices, delta, x, grad)
+        return grad
+
+    def to_scipy(self):
+        """The weights over neuron ids: a ``csr_array`` of shape (out width, in width), built on request."""
+        coo = self.W.tocoo()
+        return scipy.sparse.csr_array(
+            (coo.data, (self.out_index.slot_ids[coo.row], self.in_index.slot_ids[coo.col])),
+            shape=(self.out_index.width, self.in_index.width))
