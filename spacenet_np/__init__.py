@@ -1,0 +1,20 @@
+"""spacenet_np: truly sparse SpaceNet continual learning on the CPU (NumPy, SciPy, Numba).
+
+A notebook needs only this::
+
+    from spacenet_np import SparseMLP, SpaceNet, SpaceNetConfig, get_stream
+    stream = get_stream("split_mnist")
+    model = SparseMLP(stream.n_features, [400, 400], stream.n_classes)
+    learner = SpaceNet(model, SpaceNetConfig(), seed=0, input_mean=stream.mean, input_std=stream.std)
+    for task in stream.tasks:
+        learner.learn(task.x_train, task.y_train, task.classes)
+    predictions = learner.predict(stream.tasks[0].x_test)
+"""
+from .metrics import average_forgetting, backward_transfer, evaluate_tasks, final_average_accuracy
+from .network import SparseMLP
+from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, TrainingDiverged, predict
+from .streams import get_stream
+
+__all__ = ["SparseMLP", "SpaceNet", "SpaceNetConfig", "StaticSparseNN", "TrainingDiverged", "predict",
+           "get_stream", "evaluate_tasks", "final_average_accuracy", "backward_transfer", "average_forgetting"]
+__version__ = "0.1.0"

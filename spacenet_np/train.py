@@ -1,0 +1,170 @@
+"""Command line: ``python -m spacenet_np.train --task split_mnist``.
+
+Wires a task stream, a strategy and the metrics together: trains one model per seed, prints the accuracy on every
+task seen so far after each task, and writes ``OUT/results.json`` atomically.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .fileio import atomic_write_json
+from .network import SparseMLP
+from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, TrainingDiverged
+from .streams import STREAMS, get_stream
+
+METHODS = {"spacenet": SpaceNet, "static": StaticSparseNN}
+
+
+def build_parser():
+    defaults = SpaceNetConfig()
+    p = argparse.ArgumentParser(prog="python -m spacenet_np.train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(STREAMS), help="task stream")
+    p.add_argument("--method", default="spacenet", choices=sorted(METHODS), help="continual-learning method")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per task")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--hidden", type=int, nargs="+", default=[400, 400], help="hidden layer widths")
+    p.add_argument("--connections", type=float, nargs="+", default=None,
+                   help="connections per task per layer: counts (>= 1) or densities of the full layer (< 1); "
+                        "default 10000 1640 80, the middle value repeated for extra hidden layers")
+    p.add_argument("--selected", type=int, nargs="+", default=None,
+                   help="selected neurons per task per hidden layer (default 80 each)")
+    p.add_argument("--reserved", type=int, nargs="+", default=None,
+                   help="reserved neurons per task per hidden layer (default 40 each)")
+    p.add_argument("--rewire-ratio", type=float, default=defaults.rewire_ratio, help="fraction r rewired per epoch")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $SPACENET_DATA, then ./data)")
+    p.add_argument("--out", default=None, help="output folder for results.json (default: runs/TASK-METHOD)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
+    return p
+
+
+def config_from_args(args):
+    """A ``SpaceNetConfig`` from the parsed arguments, with the paper's values for what is not given."""
+    n_hidden = len(args.hidden)
+    if args.connections is None:
+        connections = [10000] + [1640] * (n_hidden - 1) + [80]
+    else:
+        connections = [int(c) if c >= 1 else float(c) for c in args.connections]
+    return SpaceNetConfig(
+        connections_per_task=tuple(connections),
+        selected_neurons=tuple(args.selected or [80] * n_hidden),
+        reserved_neurons=tuple(args.reserved or [40] * n_hidden),
+        rewire_ratio=args.rewire_ratio, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+
+
+class Progress:
+    """A tqdm bar per epoch and a line per task; silent when ``quiet``."""
+
+    def __init__(self, quiet, n_tasks, epochs):
+        self.quiet, self.n_tasks, self.epochs = quiet, n_tasks, epochs
+        self.bar = None
+
+    def start_epoch(self, task, epoch, n_batches):
+        if self.quiet:
+            return
+        from tqdm import tqdm
+        self.bar = tqdm(total=n_batches, desc=f"task {task + 1}/{self.n_tasks} epoch {epoch + 1}/{self.epochs}",
+                        unit="batch", leave=False, mininterval=0.2, file=sys.stderr)
+
+    def batch(self, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.bar.n % 50 == 1:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def end_epoch(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def line(self, text):
+        if not self.quiet:
+            print(text, flush=True)
+
+
+def run_seed(stream, method, config, hidden, seed, progress):
+    """Train one model over the whole stream. Returns the run's entry of results.json."""
+    start = time.perf_counter()
+    model = SparseMLP(stream.n_features, hidden, stream.n_classes)
+    learner = METHODS[method](model, config, seed=seed, input_mean=stream.mean, input_std=stream.std)
+    matrix = []
+    for task in stream.tasks:
+        task_start = time.perf_counter()
+        n_batches = -(-task.x_train.shape[0] // config.batch_size)
+        epoch_seen = [-1]
+
+        def on_batch(epoch, loss):
+            if epoch != epoch_seen[0]:
+                progress.end_epoch()
+                progress.start_epoch(task.index, epoch, n_batches)
+                epoch_seen[0] = epoch
+            progress.batch(loss)
+
+        try:
+            learner.learn(task.x_train, task.y_train, task.classes, on_batch=on_batch)
+        finally:
+            progress.end_epoch()
+        matrix.append(metrics.evaluate_tasks(learner.predict, stream.tasks[:task.index + 1]))
+        progress.line(f"seed {seed} task {task.index + 1}/{len(stream.tasks)} classes {list(task.classes)} "
+                      f"({time.perf_counter() - task_start:.1f} s): accuracy "
+                      + " ".join(f"{a:.2f}" for a in matrix[-1]) + f" | average {np.mean(matrix[-1]):.2f}")
+    return {
+        "seed": seed,
+        "accuracy_matrix": matrix,
+        "final_average_accuracy": metrics.final_average_accuracy(matrix),
+        "wall_time_s": time.perf_counter() - start,
+        "connections_per_layer": model.connection_counts(),
+        "free_neurons_per_layer": [n.n_free for n in model.neurons[1:-1]],
+    }
+
+
+def format_matrix(matrix):
+    """The accuracy matrix as aligned text rows."""
+    return "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:6.2f}" for a in row) for i, row in enumerate(matrix))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    try:
+        config.validate(SparseMLP(784, args.hidden, 10))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    stream = get_stream(args.task, args.data_dir)
+    out_dir = Path(args.out or f"runs/{args.task}-{args.method}")
+    progress = Progress(args.quiet, len(stream.tasks), config.epochs)
+    runs = []
+    for seed in args.seeds:
+        try:
+            runs.append(run_seed(stream, args.method, config, args.hidden, seed, progress))
+        except TrainingDiverged as err:
+            print(f"error: training diverged for seed {seed}: {err}. No results were written.", file=sys.stderr)
+            return 1
+        run = runs[-1]
+        print(f"seed {seed}: accuracy matrix (percent)\n{format_matrix(run['accuracy_matrix'])}\n"
+              f"seed {seed}: final average accuracy {run['final_average_accuracy']:.2f} % "
+              f"({run['wall_time_s']:.1f} s)", flush=True)
+    finals = [r["final_average_accuracy"] for r in runs]
+    results = {
+        "task": args.task,
+        "method": args.method,
+        "config": {**config.to_dict(), "hidden": list(args.hidden), "seeds": list(args.seeds),
+                   "input_mean": stream.mean, "input_std": stream.std},
+        "runs": runs,
+        "mean_final_average_accuracy": float(np.mean(finals)),
+        "std_final_average_accuracy": float(np.std(finals)),
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    print(f"{args.task} {args.method}: final average accuracy {np.mean(finals):.2f} +/- {np.std(finals):.2f} % "
+          f"over {len(finals)} seed(s); results in {out_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
