@@ -31,7 +31,10 @@ class SpaceNetConfig:
 
     ``connections_per_task[l]`` is the number of connections a task allocates in layer ``l`` (an int), or a
     fraction of that layer's full ``fan_in * fan_out`` (a float in (0, 1)). ``selected_neurons[h]`` and
-    ``reserved_neurons[h]`` are ``sel_l^t`` and ``spec_l^t`` for hidden layer ``h``.
+    ``reserved_neurons[h]`` are ``sel_l^t`` and ``spec_l^t`` for hidden layer ``h``. ``init_fan`` sets the
+    Xavier-uniform bound of new connections: ``"layer"`` uses the full layer shape (paper, official code);
+    ``"selected"`` uses the selected-neuron block, which keeps the scale of a neuron's input independent of the
+    layer width when the per-task budget is fixed (for very wide layers).
     """
     connections_per_task: tuple = (10000, 1640, 80)
     selected_neurons: tuple = (80, 80)
@@ -41,6 +44,7 @@ class SpaceNetConfig:
     batch_size: int = 128
     lr: float = 0.01
     rewire: bool = True
+    init_fan: str = "layer"
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -67,6 +71,8 @@ class SpaceNetConfig:
             raise ValueError(f"rewire_ratio={self.rewire_ratio} must be in [0, 1)")
         if not (self.lr > 0.0 and np.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive finite number")
+        if self.init_fan not in ("layer", "selected"):
+            raise ValueError(f"init_fan={self.init_fan!r} must be 'layer' or 'selected'")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -161,7 +167,9 @@ class SpaceNet:
             raise ValueError(f"connections_per_task[{l}]={count} exceeds the {free_positions.size} empty positions "
                              f"between the {cols.size} x {rows.size} selected neurons of layer {l}")
         chosen = np.sort(self.rng.choice(free_positions, size=count, replace=False))
-        bound = np.sqrt(6.0 / (layer.in_index.width + layer.out_index.width))  # Xavier-uniform, full layer shape
+        fans = (layer.in_index.width + layer.out_index.width if self.config.init_fan == "layer"
+                else rows.size + cols.size)
+        bound = np.sqrt(6.0 / fans)  # Xavier-uniform
         weights = self.rng.uniform(-bound, bound, size=count).astype(np.float32)
         layer.add_connections(rows[chosen // cols.size], cols[chosen % cols.size], weights, state.task)
 

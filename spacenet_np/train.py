@@ -38,6 +38,8 @@ def build_parser():
     p.add_argument("--reserved", type=int, nargs="+", default=None,
                    help="reserved neurons per task per hidden layer (default 40 each)")
     p.add_argument("--rewire-ratio", type=float, default=defaults.rewire_ratio, help="fraction r rewired per epoch")
+    p.add_argument("--init-fan", default="layer", choices=["layer", "selected"],
+                   help="Xavier bound from the full layer shape (paper) or from the selected-neuron block")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $SPACENET_DATA, then ./data)")
     p.add_argument("--out", default=None, help="output folder for results.json (default: runs/TASK-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-task lines")
@@ -55,7 +57,8 @@ def config_from_args(args):
         connections_per_task=tuple(connections),
         selected_neurons=tuple(args.selected or [80] * n_hidden),
         reserved_neurons=tuple(args.reserved or [40] * n_hidden),
-        rewire_ratio=args.rewire_ratio, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        rewire_ratio=args.rewire_ratio, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        init_fan=args.init_fan)
 
 
 class Progress:
