@@ -135,11 +135,11 @@ def format_matrix(matrix):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    stream = get_stream(args.task, args.data_dir)
     try:
-        config.validate(SparseMLP(784, args.hidden, 10))
+        config.validate(SparseMLP(stream.n_features, args.hidden, stream.n_classes))
     except ValueError as err:
         raise SystemExit(f"error: {err}")
-    stream = get_stream(args.task, args.data_dir)
     out_dir = Path(args.out or f"runs/{args.task}-{args.method}")
     progress = Progress(args.quiet, len(stream.tasks), config.epochs)
     runs = []
@@ -149,6 +149,9 @@ def main(argv=None):
         except TrainingDiverged as err:
             print(f"error: training diverged for seed {seed}: {err}. No results were written.", file=sys.stderr)
             return 1
+        except ValueError as err:  # a hyperparameter that becomes impossible at a later task
+            print(f"error: seed {seed}: {err}. No results were written.", file=sys.stderr)
+            return 2
         run = runs[-1]
         print(f"seed {seed}: accuracy matrix (percent)\n{format_matrix(run['accuracy_matrix'])}\n"
               f"seed {seed}: final average accuracy {run['final_average_accuracy']:.2f} % "
