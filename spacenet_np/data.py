@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import logging
 import math
 import os
@@ -104,54 +105,101 @@ def _check_dataset(dataset: str) -> None:
         raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(SHA256))}")
 
 
-def _gunzip(path: Path) -> bytes:
-    """The decompressed bytes of the gzip file ``path`` (all members); DataError if it is not valid gzip."""
-    data = path.read_bytes()
-    members = []
+def _gunzip_pieces(path: Path):
+    """Yield the decompressed bytes of the gzip file ``path`` (all members) piece by piece.
+
+    Streaming keeps memory at the size of the result rather than twice it. Raises DataError, naming the file,
+    for data that is not gzip, a truncated or empty stream, or a bad CRC.
+    """
     try:
-        # zlib with a gzip window checks the CRC itself and, in one C call, is as fast as or faster than
-        # gzip.decompress (about 0.19 s vs 0.20 s for the 47 MB MNIST training images).
-        while True:
+        with path.open("rb") as f:
             decompressor = zlib.decompressobj(GZIP_WBITS)
-            members.append(decompressor.decompress(data))
-            if not decompressor.eof:
-                raise DataError(f"{path}: gzip stream is truncated or empty")
-            data = decompressor.unused_data
-            if not data:
-                break
+            in_member, seen_any = False, False
+            while chunk := f.read(CHUNK_BYTES):
+                data = chunk
+                while data:
+                    in_member = seen_any = True
+                    yield decompressor.decompress(data)
+                    data = b""
+                    if decompressor.eof:  # a member ends; the rest of the chunk starts the next one
+                        data, in_member = decompressor.unused_data, False
+                        decompressor = zlib.decompressobj(GZIP_WBITS)
     except zlib.error as err:
         raise DataError(f"{path}: not a valid gzip file ({err})") from err
-    return b"".join(members)  # a single member is returned as is, without a copy
+    if in_member or not seen_any:
+        raise DataError(f"{path}: gzip stream is truncated or empty")
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read a gzipped IDX file of uint8 data: labels as ``(n,)`` or images as ``(n, rows, cols)``.
-
-    The array is a read-only view of the decompressed bytes (no copy). Raises DataError, naming the file,
-    for bad gzip data, a magic other than 2049/2051, or a payload whose length differs from the product of
-    the header's dimensions.
-    """
-    path = Path(path)
-    raw = _gunzip(path)
-    if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    zero0, zero1, dtype_code, ndim = raw[:4]
+def _parse_idx_header(path: Path, head: bytes) -> tuple[int, tuple[int, ...]] | None:
+    """(header length, shape) from the first bytes of an IDX file, or None if more bytes are needed."""
+    if len(head) < 4:
+        return None
+    zero0, zero1, dtype_code, ndim = head[:4]
     if zero0 or zero1 or dtype_code != IDX_UBYTE or ndim not in IDX_NDIMS:
-        magic = int.from_bytes(raw[:4], "big")
+        magic = int.from_bytes(head[:4], "big")
         raise DataError(
             f"{path}: bad IDX magic {magic} (0x{magic:08x}); expected 2049 (labels) or 2051 (images)"
         )
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DataError(f"{path}: IDX header is truncated ({len(raw)} of {header_len} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(head) < header_len:
+        return None
+    return header_len, tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+
+
+def read_idx(path: str | os.PathLike, row_order: np.ndarray | None = None) -> np.ndarray:
+    """Read a gzipped IDX file of uint8 data: labels as ``(n,)`` or images as ``(n, rows, cols)``.
+
+    With ``row_order`` (a permutation of ``range(n)``) the result is ``data[row_order]``, written in place while
+    decompressing, so no second copy of the data is ever held. Raises DataError, naming the file, for bad gzip
+    data, a magic other than 2049/2051, or a payload whose length differs from the product of the header's
+    dimensions.
+    """
+    path = Path(path)
+    pieces = _gunzip_pieces(path)
+    head = b""
+    header = None
+    for piece in pieces:
+        head += piece
+        header = _parse_idx_header(path, head)
+        if header is not None:
+            break
+    if header is None:
+        if len(head) < 4:
+            raise DataError(f"{path}: {len(head)} bytes is too short for an IDX header")
+        raise DataError(f"{path}: IDX header is truncated ({len(head)} bytes)")
+    header_len, shape = header
+    out = np.empty(shape, dtype=np.uint8)
+    n_rows = shape[0]
+    rows = out.reshape(n_rows, -1)
+    destination = np.arange(n_rows) if row_order is None else _inverse_permutation(path, row_order, n_rows)
+    carry = head[header_len:]
+    written, received = 0, len(carry)
+    for piece in itertools.chain([b""], pieces):
+        carry += piece
+        received += len(piece)
+        whole = min(len(carry) // max(rows.shape[1], 1), n_rows - written) if rows.shape[1] else 0
+        if whole:
+            block = np.frombuffer(carry, dtype=np.uint8, count=whole * rows.shape[1]).reshape(whole, -1)
+            rows[destination[written:written + whole]] = block
+            carry = carry[whole * rows.shape[1]:]
+            written += whole
     expected = math.prod(shape)
-    actual = len(raw) - header_len
-    if actual != expected:
+    if received != expected:
         raise DataError(
-            f"{path}: IDX payload has {actual} bytes but the header shape {shape} needs {expected}"
+            f"{path}: IDX payload has {received} bytes but the header shape {shape} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+    out.flags.writeable = False
+    return out
+
+
+def _inverse_permutation(path: Path, row_order: np.ndarray, n_rows: int) -> np.ndarray:
+    """Destination row of each source row for ``data[row_order]``; ValueError if not a permutation."""
+    row_order = np.asarray(row_order)
+    if row_order.shape != (n_rows,) or not np.array_equal(np.sort(row_order), np.arange(n_rows)):
+        raise ValueError(f"row_order for {path} must be a permutation of range({n_rows})")
+    destination = np.empty(n_rows, dtype=np.int64)
+    destination[row_order] = np.arange(n_rows)
+    return destination
 
 
 def _sha256_of_file(path: Path) -> str:
@@ -246,34 +294,48 @@ def verify_checksums(dataset: str, data_dir: str | os.PathLike | None = None) ->
     return verified
 
 
-def _load_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one split: images ``(n, 784)`` uint8 and labels ``(n,)`` uint8 in 0..9."""
-    images = read_idx(images_path)
+def _load_split(images_path: Path, labels_path: Path, group_by_label: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one split: images ``(n, 784)`` uint8 and labels ``(n,)`` uint8 in 0..9.
+
+    With ``group_by_label`` the samples are stably sorted by label (the file order within a label is kept).
+    """
     labels = read_idx(labels_path)
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise DataError(f"{images_path}: expected images of shape (n, 28, 28), got {images.shape}")
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected labels of shape (n,), got {labels.shape}")
+    if len(labels) and labels.max() >= N_CLASSES:
+        raise DataError(f"{labels_path}: label {labels.max()} is outside 0..{N_CLASSES - 1}")
+    order = np.argsort(labels, kind="stable") if group_by_label else None
+    try:
+        images = read_idx(images_path, row_order=order)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        images = read_idx(images_path)  # the count differs from the labels: the check below names both files
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise DataError(f"{images_path}: expected images of shape (n, 28, 28), got {images.shape}")
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
-    if len(labels) and labels.max() >= N_CLASSES:
-        raise DataError(f"{labels_path}: label {labels.max()} is outside 0..{N_CLASSES - 1}")
+    if order is not None:
+        labels = labels[order]
+        labels.flags.writeable = False
     return images.reshape(len(images), IMAGE_SIDE * IMAGE_SIDE), labels
 
 
 def load_mnist_like(
-    dataset: str, data_dir: str | os.PathLike | None = None
+    dataset: str, data_dir: str | os.PathLike | None = None, group_by_label: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load ``"mnist"`` or ``"fashion-mnist"`` as ``(x_train, y_train, x_test, y_test)``.
 
     Images are uint8 ``(n, 784)`` (rows of the 28x28 image, raw 0..255 pixels) and labels uint8 ``(n,)``;
-    all four are read-only. Missing files are downloaded into the data root (see :func:`fetch`).
+    all four are read-only. With ``group_by_label`` each split is stably sorted by label, so that a subset of
+    consecutive classes is a slice (a view, no copy). Missing files are downloaded into the data root (see
+    :func:`fetch`).
     """
     _check_dataset(dataset)
     root = resolve_data_root(data_dir)
     paths = {filename: fetch(root, dataset, filename) for filename in FILES}
-    x_train, y_train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
-    x_test, y_test = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS])
+    x_train, y_train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], group_by_label)
+    x_test, y_test = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS], group_by_label)
     return x_train, y_train, x_test, y_test

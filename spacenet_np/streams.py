@@ -81,32 +81,26 @@ def pixel_mean_std(x_uint8: np.ndarray) -> tuple[float, float]:
     return float(mean), float(np.sqrt(variance))
 
 
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """``array`` with its writeable flag cleared: tasks are shared between runs and must not change."""
-    array.flags.writeable = False
-    return array
+def _class_slice(labels: np.ndarray, classes: tuple[int, ...]) -> slice:
+    """The slice of ``labels`` (sorted by label) holding exactly ``classes`` (consecutive ints)."""
+    return slice(int(np.searchsorted(labels, classes[0], "left")), int(np.searchsorted(labels, classes[-1], "right")))
 
 
 def _split_tasks(x_train, y_train, x_test, y_test) -> tuple[Task, ...]:
-    """Split the data into tasks of classes [0, 1], [2, 3], ..., keeping the original sample order.
+    """Split data sorted by label into tasks of classes [0, 1], [2, 3], ..., keeping the original order in a class.
 
-    Takes uint8 images ``(n, n_features)`` and labels ``(n,)`` for each split.
+    Takes uint8 images ``(n, n_features)`` and labels ``(n,)`` for each split. Task arrays are read-only views,
+    so the stream holds the images once.
     """
+    y_train64, y_test64 = y_train.astype(np.int64), y_test.astype(np.int64)
+    for labels in (y_train64, y_test64):
+        labels.flags.writeable = False
     tasks = []
     for index, first in enumerate(range(0, N_CLASSES, CLASSES_PER_TASK)):
         classes = tuple(range(first, first + CLASSES_PER_TASK))
-        in_train = np.isin(y_train, classes)
-        in_test = np.isin(y_test, classes)
-        tasks.append(
-            Task(
-                index=index,
-                classes=classes,
-                x_train=_read_only(x_train[in_train]),
-                y_train=_read_only(y_train[in_train].astype(np.int64)),
-                x_test=_read_only(x_test[in_test]),
-                y_test=_read_only(y_test[in_test].astype(np.int64)),
-            )
-        )
+        train, test = _class_slice(y_train, classes), _class_slice(y_test, classes)
+        tasks.append(Task(index=index, classes=classes, x_train=x_train[train], y_train=y_train64[train],
+                          x_test=x_test[test], y_test=y_test64[test]))
     return tuple(tasks)
 
 
@@ -125,14 +119,14 @@ def _build_stream(name: str, data, mean: float, std: float) -> Stream:
 
 def split_mnist(data_dir: str | os.PathLike | None = None) -> Stream:
     """Split MNIST: 5 tasks of 2 digits each, standardized with the usual 0.1307 / 0.3081."""
-    data = load_mnist_like("mnist", data_dir)
+    data = load_mnist_like("mnist", data_dir, group_by_label=True)
     return _build_stream("split_mnist", data, MNIST_MEAN, MNIST_STD)
 
 
 def split_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Stream:
     """Split Fashion-MNIST: 5 tasks of 2 classes each, standardized with its own training-pixel statistics
     (about 0.2860 / 0.3530)."""
-    data = load_mnist_like("fashion-mnist", data_dir)
+    data = load_mnist_like("fashion-mnist", data_dir, group_by_label=True)
     mean, std = pixel_mean_std(data[0])
     return _build_stream("split_fashion_mnist", data, mean, std)
 

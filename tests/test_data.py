@@ -311,3 +311,20 @@ def test_real_mnist():
     assert y_train.shape == (60000,) and y_test.shape == (10000,)
     expected_counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(y_train, minlength=10).tolist() == expected_counts
+
+
+def test_read_idx_row_order_writes_permuted_rows(tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, size=(9, 28, 28), dtype=np.uint8)
+    path = write_gz(tmp_path / "img.gz", idx_bytes(images))
+    order = np.random.default_rng(4).permutation(9)
+    np.testing.assert_array_equal(read_idx(path, row_order=order), images[order])
+    with pytest.raises(ValueError, match="permutation"):
+        read_idx(path, row_order=np.zeros(9, np.int64))
+
+
+def test_group_by_label_sorts_stably(tmp_path):
+    arrays = write_tiny_dataset(tmp_path, "mnist", n_train=30, n_test=20)
+    x_train, y_train, _, _ = load_mnist_like("mnist", tmp_path, group_by_label=True)
+    order = np.argsort(arrays[FILES[1]], kind="stable")
+    np.testing.assert_array_equal(y_train, arrays[FILES[1]][order])
+    np.testing.assert_array_equal(x_train, arrays[FILES[0]].reshape(30, 784)[order])
