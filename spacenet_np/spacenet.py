@@ -7,22 +7,19 @@ Choices where the paper's text and the official code differ, or where both are s
 - In each rewiring, neuron importances are computed once from the Omega accumulated so far, before any layer
   drops, as the official code does.
 - A connection dropped in a rewiring is not grown back at the same position in that rewiring (the official code
-  masks those positions too). Grown connections start with weight 0 and Omega 0.
+  masks those positions too), unless the selected block has too few other empty positions to keep the task's
+  connection count. Grown connections start with weight 0 and Omega 0.
 - Rewiring applies to every layer except the output layer (as in the official code).
 - Biases of free (not reserved) hidden neurons and of the current task's output classes are trained; the
   biases of reserved neurons and of other classes stay fixed (official code).
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import kernels
 from .layers import FREE
-from .network import SparseMLP, softmax_cross_entropy, standardize_batch
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+from .strategy import Learner, TaskState, TrainingDiverged, check_inputs, predict  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -84,15 +81,7 @@ class SpaceNetConfig:
         return int(value) if not isinstance(value, float) else max(1, int(round(value * fan_in * fan_out)))
 
 
-@dataclass
-class TaskState:
-    """What a task needs while it trains: its id, classes and the selected slots per neuron layer."""
-    task: int
-    classes: np.ndarray
-    selected: list = field(default_factory=list)  # sorted slot arrays, one per NeuronIndex
-
-
-class SpaceNet:
+class SpaceNet(Learner):
     """SpaceNet for class-incremental learning (Algorithm 1) on a ``SparseMLP``.
 
     ``learn(images, labels, classes)`` runs one task: connections allocation (Algorithm 2), adaptive sparse
@@ -100,45 +89,29 @@ class SpaceNet:
     output connections, so ``model`` can predict directly.
     """
 
+    name = "spacenet"
     rewires = True
 
-    def __init__(self, model: SparseMLP, config: SpaceNetConfig, seed=0, input_mean=0.0, input_std=1.0):
-        config.validate(model)
-        if not (np.isfinite(input_std) and input_std > 0):
-            raise ValueError(f"input_std={input_std} must be a positive finite number")
-        self.model = model
-        self.config = config
-        self.rng = np.random.default_rng(seed)
-        self.input_mean = float(input_mean)
-        self.input_std = float(input_std)
-        self.tasks_learned = 0
-        self.trainable = []
-        self.bias_trainable = []
-
     # ----- Algorithm 1 -----
-    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
-        """Learn one task from ``images`` (n, n_features) uint8 or standardized float and ``labels`` (n,).
-
-        ``classes`` are the task's global class labels. ``on_batch(epoch, loss)`` and ``on_epoch(epoch)`` are
-        optional progress callbacks.
-        """
-        classes = self._check_task(images, labels, classes)
+    def begin_task(self, classes):
+        """Allocate the task's connections and set the old output heads aside (lines 11, 14-15)."""
         state = self.allocate(classes)
-        set_aside = self.set_aside_old_heads(state.task)
+        state.set_aside = self.set_aside_old_heads(state.task)
         self._refresh_trainable(state)
-        try:
-            for epoch in range(self.config.epochs):
-                self.train_epoch(state, images, labels, epoch, on_batch)
-                if self.rewires and self.config.rewire and epoch < self.config.epochs - 1:
-                    self.rewire(state)
-                if on_epoch is not None:
-                    on_epoch(epoch)
-            self.reserve(state)
-        finally:
-            self.restore_heads(set_aside)
-        self.tasks_learned += 1
-        self.model.known_classes[classes] = True
         return state
+
+    def end_epoch(self, state, epoch):
+        """Adaptive sparse training: rewire after every epoch but the last."""
+        if self.rewires and self.config.rewire and epoch < self.config.epochs - 1:
+            self.rewire(state)
+
+    def end_task(self, state):
+        self.reserve(state)
+
+    def finish_task(self, state):
+        if state.set_aside is not None:
+            self.restore_heads(state.set_aside)
+            state.set_aside = None
 
     # ----- Algorithm 2 -----
     def allocate(self, classes):
@@ -207,40 +180,6 @@ class SpaceNet:
         self.bias_trainable.append(out_mask)
 
     # ----- Algorithm 3 -----
-    def train_epoch(self, state, images, labels, epoch, on_batch=None):
-        """One epoch of SGD on the current task's connections, accumulating Omega (Eq. 3)."""
-        order = self.rng.permutation(images.shape[0])
-        for start in range(0, order.size, self.config.batch_size):
-            ids = order[start:start + self.config.batch_size]
-            loss = self.train_step(self.input_batch(images, ids), labels[ids])
-            if not np.isfinite(loss):
-                raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
-                                       f"batch {start // self.config.batch_size}: lower the learning rate "
-                                       f"(lr={self.config.lr})")
-            if on_batch is not None:
-                on_batch(epoch, loss)
-
-    def input_batch(self, images, ids):
-        """Standardized batch for samples ``ids``. Returns (n_features, batch) float32."""
-        if images.dtype == np.uint8:
-            return standardize_batch(images, ids, self.input_mean, self.input_std)
-        return np.ascontiguousarray(images[ids].T, dtype=np.float32)
-
-    def train_step(self, x, labels):
-        """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss."""
-        activations = self.model.forward(x)
-        loss, delta = softmax_cross_entropy(activations[-1], labels)
-        self.model.backward(activations, delta, self._sgd_update)
-        return loss
-
-    def _sgd_update(self, l, delta, inputs):
-        layer = self.model.layers[l]
-        connections = self.trainable[l]
-        grad = layer.weight_grad(connections, delta, inputs)
-        kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * 64)
-        kernel(connections, grad, np.float32(self.config.lr), layer.weights, layer.importance)
-        layer.bias[:] -= self.config.lr * delta.sum(axis=1) * self.bias_trainable[l]
-
     def neuron_importance(self, task):
         """Eq. 4 for every neuron layer: per slot, the sum of ``task``'s Omega over its ingoing connections.
 
@@ -260,10 +199,10 @@ class SpaceNet:
         importance = self.neuron_importance(state.task)
         for l, layer in enumerate(self.model.layers[:-1]):
             rows, cols = state.selected[l + 1], state.selected[l]
-            free_before_drop = self._free_block(layer, rows, cols)
+            fresh = self._free_block(layer, rows, cols)
             dropped = self.drop(layer, state.task)
-            self.grow(layer, state.task, rows, cols, importance[l + 1], importance[l], free_before_drop,
-                      dropped.size)
+            self.grow(layer, state.task, rows, cols, importance[l + 1], importance[l], fresh,
+                      self._free_block(layer, rows, cols), dropped.size)
         self._refresh_trainable(state)
 
     def drop(self, layer, task):
@@ -275,17 +214,23 @@ class SpaceNet:
         return least
 
     @staticmethod
-    def grow(layer, task, rows, cols, row_importance, col_importance, free_block, count):
+    def grow(layer, task, rows, cols, row_importance, col_importance, fresh, empty, count):
         """Grow phase: add ``count`` zero weights at the empty positions with the largest ``a_{l-1} a_l^T`` (Eq. 5).
 
-        rows/cols are the selected slots (sorted), free_block (rows * cols,) bool marks the allowed positions.
+        rows/cols are the selected slots (sorted); ``fresh`` and ``empty`` (rows * cols,) bool mark the positions
+        that were empty before the drop and those empty after it. Fresh positions come first; just-dropped ones
+        are used only when the block has too few fresh positions to keep the connection count.
         """
         if count == 0:
             return
         score = np.outer(row_importance[rows], col_importance[cols]).ravel()
-        score[~free_block] = -np.inf
-        count = min(count, int(free_block.sum()))
-        top = np.argpartition(-score, count - 1)[:count]
+        rank = np.where(fresh, score, -np.inf)
+        top = np.argpartition(-rank, count - 1)[:count] if count < rank.size else np.arange(rank.size)
+        top = top[fresh[top]]
+        if top.size < count:  # too few fresh positions: regrow the best just-dropped ones
+            refill = np.flatnonzero(empty & ~fresh)
+            refill = refill[np.argsort(-score[refill], kind="stable")[:count - top.size]]
+            top = np.concatenate([top, refill])
         layer.add_connections(rows[top // cols.size], cols[top % cols.size], np.zeros(count, np.float32), task)
 
     # ----- Algorithm 4 -----
@@ -297,62 +242,10 @@ class SpaceNet:
             order = np.argsort(-importance[h + 1][selected], kind="stable")
             neurons.reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
 
-    # ----- inference -----
-    def predict(self, images, batch_size=1000):
-        """Predicted class per sample. images (n, n_features). Returns (n,) int64."""
-        return predict(self.model, images, self.input_mean, self.input_std, batch_size)
-
-    def _check_task(self, images, labels, classes):
-        check_inputs(images, self.model.n_features, "images")
-        classes = np.unique(np.asarray(classes, dtype=np.int64))
-        if classes.size == 0 or classes.min() < 0 or classes.max() >= self.model.n_classes:
-            raise ValueError(f"classes {classes.tolist()} must be non-empty and within [0, {self.model.n_classes})")
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-        outside = ~np.isin(labels, classes)
-        if outside.any():
-            raise ValueError(f"labels contain {np.unique(labels[outside]).tolist()}, outside the task's classes "
-                             f"{classes.tolist()}")
-        return classes
-
-
-def check_inputs(images, n_features, name):
-    """Raise ValueError unless ``images`` is (n, n_features) uint8, or finite float."""
-    if not isinstance(images, np.ndarray) or images.ndim != 2 or images.shape[1] != n_features:
-        shape = getattr(images, "shape", None)
-        raise ValueError(f"{name} must be an array of shape (n, {n_features}), got shape {shape}")
-    if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{name} must be uint8 pixels or standardized floats, got dtype {images.dtype}")
-        if not np.all(np.isfinite(images)):
-            raise ValueError(f"{name} contain NaN or infinite values")
-
-
-def predict(model, images, mean, std, batch_size=1000):
-    """Predicted class per sample of ``images`` (n, n_features) uint8 or standardized float. Returns (n,) int64.
-
-    Only the classes learned so far (``model.known_classes``) can be predicted: an unseen class has no
-    connections, and its constant logit would otherwise win whenever the learned logits are negative.
-    """
-    check_inputs(images, model.n_features, "images")
-    predictions = np.empty(images.shape[0], dtype=np.int64)
-    for start in range(0, images.shape[0], batch_size):
-        ids = np.arange(start, min(start + batch_size, images.shape[0]))
-        if images.dtype == np.uint8:
-            x = standardize_batch(images, ids, mean, std)
-        else:
-            x = np.ascontiguousarray(images[ids].T, dtype=np.float32)
-        logits = model.logits(x)
-        if model.known_classes.any():
-            logits = np.where(model.known_classes[:, None], logits, -np.inf)
-        predictions[ids] = logits.argmax(axis=0)
-    return predictions
 
 
 class StaticSparseNN(SpaceNet):
     """The paper's Static-SparseNN baseline: SpaceNet's allocation and reservation, with no drop or grow."""
 
+    name = "static"
     rewires = False

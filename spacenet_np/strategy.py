@@ -1,0 +1,191 @@
+"""The base of every continual-learning method: one task at a time, SGD on chosen connections, prediction.
+
+A method subclasses ``Learner`` and fills in the task life cycle:
+
+- ``begin_task(classes) -> TaskState``: prepare the network (allocate connections, choose what trains);
+  must set ``self.trainable`` (connection ids per layer) and ``self.bias_trainable`` (0/1 mask per layer);
+- ``end_epoch(state, epoch)``: after each epoch (SpaceNet rewires here);
+- ``end_task(state)``: after the last epoch (SpaceNet reserves neurons here);
+- ``finish_task(state)``: always runs, also after an error (SpaceNet restores the output heads here).
+
+Observers (``learner.observers``) get ``task_begin(learner, state)`` and ``task_end(learner, state)`` calls, which
+the report uses to record snapshots without the method knowing about it.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .network import SparseMLP, softmax_cross_entropy, standardize_batch
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TaskState:
+    """What a task needs while it trains: its id, its classes, and method-specific fields."""
+    task: int
+    classes: np.ndarray
+    selected: list = field(default_factory=list)  # SpaceNet: sorted slot arrays, one per NeuronIndex
+    set_aside: tuple = None  # SpaceNet: output connections of old tasks, out of the network while training
+
+
+class Learner:
+    """Learns tasks one after another on a ``SparseMLP`` with plain SGD (``config.lr``, ``config.batch_size``).
+
+    ``rng`` is the only source of randomness (allocation, shuffling), so a seed fixes every number.
+    """
+
+    name = "learner"
+
+    def __init__(self, model: SparseMLP, config, seed=0, input_mean=0.0, input_std=1.0):
+        config.validate(model)
+        if not (np.isfinite(input_std) and input_std > 0):
+            raise ValueError(f"input_std={input_std} must be a positive finite number")
+        self.model = model
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+        self.input_mean = float(input_mean)
+        self.input_std = float(input_std)
+        self.tasks_learned = 0
+        self.trainable = []
+        self.bias_trainable = []
+        self.observers = []
+
+    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
+        """Learn one task from ``images`` (n, n_features) uint8 or standardized float and ``labels`` (n,).
+
+        ``classes`` are the task's global class labels. ``on_batch(epoch, loss)`` and ``on_epoch(epoch)`` are
+        optional progress callbacks. Returns the task's ``TaskState``.
+        """
+        classes = self._check_task(images, labels, classes)
+        state = self.begin_task(classes)
+        self._notify("task_begin", state)
+        try:
+            for epoch in range(self.config.epochs):
+                self.train_epoch(state, images, labels, epoch, on_batch)
+                self.end_epoch(state, epoch)
+                if on_epoch is not None:
+                    on_epoch(epoch)
+            self.end_task(state)
+        finally:
+            self.finish_task(state)
+        self.tasks_learned += 1
+        self.model.known_classes[classes] = True
+        self._notify("task_end", state)
+        return state
+
+    # ----- the task life cycle (override in methods) -----
+    def begin_task(self, classes):
+        raise NotImplementedError
+
+    def end_epoch(self, state, epoch):
+        pass
+
+    def end_task(self, state):
+        pass
+
+    def finish_task(self, state):
+        pass
+
+    # ----- training -----
+    def train_epoch(self, state, images, labels, epoch, on_batch=None):
+        """One epoch of SGD over ``images`` in a random order, on ``self.trainable``."""
+        order = self.rng.permutation(images.shape[0])
+        for start in range(0, order.size, self.config.batch_size):
+            ids = order[start:start + self.config.batch_size]
+            loss = self.train_step(self.input_batch(images, ids), labels[ids])
+            if not np.isfinite(loss):
+                raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
+                                       f"batch {start // self.config.batch_size}: lower the learning rate "
+                                       f"(lr={self.config.lr})")
+            if on_batch is not None:
+                on_batch(epoch, loss)
+
+    def input_batch(self, images, ids):
+        """Standardized batch for samples ``ids``. Returns (n_features, batch) float32."""
+        if images.dtype == np.uint8:
+            return standardize_batch(images, ids, self.input_mean, self.input_std)
+        return np.ascontiguousarray(images[ids].T, dtype=np.float32)
+
+    def train_step(self, x, labels):
+        """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss."""
+        activations = self.model.forward(x)
+        loss, delta = softmax_cross_entropy(activations[-1], labels)
+        self.model.backward(activations, delta, self.sgd_update)
+        return loss
+
+    def sgd_update(self, l, delta, inputs):
+        """SGD on layer ``l``'s trainable connections (accumulating Omega, Eq. 3) and trainable biases."""
+        layer = self.model.layers[l]
+        connections = self.trainable[l]
+        grad = self.weight_grad(l, connections, delta, inputs)
+        kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * 64)
+        kernel(connections, grad, np.float32(self.config.lr), layer.weights, layer.importance)
+        layer.bias[:] -= self.config.lr * delta.sum(axis=1) * self.bias_trainable[l]
+
+    def weight_grad(self, l, connections, delta, inputs):
+        """dL/dW of layer ``l`` at ``connections`` (m,) float32; methods add penalty gradients here."""
+        return self.model.layers[l].weight_grad(connections, delta, inputs)
+
+    # ----- inference -----
+    def predict(self, images, batch_size=1000):
+        """Predicted class per sample. images (n, n_features). Returns (n,) int64."""
+        return predict(self.model, images, self.input_mean, self.input_std, batch_size)
+
+    def _notify(self, event, state):
+        for observer in self.observers:
+            handler = getattr(observer, event, None)
+            if handler is not None:
+                handler(self, state)
+
+    def _check_task(self, images, labels, classes):
+        check_inputs(images, self.model.n_features, "images")
+        classes = np.unique(np.asarray(classes, dtype=np.int64))
+        if classes.size == 0 or classes.min() < 0 or classes.max() >= self.model.n_classes:
+            raise ValueError(f"classes {classes.tolist()} must be non-empty and within [0, {self.model.n_classes})")
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        outside = ~np.isin(labels, classes)
+        if outside.any():
+            raise ValueError(f"labels contain {np.unique(labels[outside]).tolist()}, outside the task's classes "
+                             f"{classes.tolist()}")
+        return classes
+
+
+def check_inputs(images, n_features, name):
+    """Raise ValueError unless ``images`` is (n, n_features) uint8, or finite float."""
+    if not isinstance(images, np.ndarray) or images.ndim != 2 or images.shape[1] != n_features:
+        shape = getattr(images, "shape", None)
+        raise ValueError(f"{name} must be an array of shape (n, {n_features}), got shape {shape}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"{name} must be uint8 pixels or standardized floats, got dtype {images.dtype}")
+        if not np.all(np.isfinite(images)):
+            raise ValueError(f"{name} contain NaN or infinite values")
+
+
+def predict(model, images, mean, std, batch_size=1000):
+    """Predicted class per sample of ``images`` (n, n_features) uint8 or standardized float. Returns (n,) int64.
+
+    Only the classes learned so far (``model.known_classes``) can be predicted: an unseen class has no
+    connections, and its constant logit would otherwise win whenever the learned logits are negative.
+    """
+    check_inputs(images, model.n_features, "images")
+    predictions = np.empty(images.shape[0], dtype=np.int64)
+    for start in range(0, images.shape[0], batch_size):
+        ids = np.arange(start, min(start + batch_size, images.shape[0]))
+        if images.dtype == np.uint8:
+            x = standardize_batch(images, ids, mean, std)
+        else:
+            x = np.ascontiguousarray(images[ids].T, dtype=np.float32)
+        logits = model.logits(x)
+        if model.known_classes.any():
+            logits = np.where(model.known_classes[:, None], logits, -np.inf)
+        predictions[ids] = logits.argmax(axis=0)
+    return predictions
