@@ -159,10 +159,12 @@ class SparseLinear:
         n_out, n_in = self.out_index.n_slots, self.in_index.n_slots
         order = np.lexsort((cols, rows))
         rows, cols = rows[order], cols[order]
-        indptr = np.zeros(n_out + 1, dtype=np.int64)
+        index_dtype = np.int32 if rows.size < 2**31 else np.int64  # half the index traffic in the kernels
+        indptr = np.zeros(n_out + 1, dtype=index_dtype)
         np.cumsum(np.bincount(rows, minlength=n_out), out=indptr[1:])
         self.W = scipy.sparse.csr_array(
-            (np.ascontiguousarray(weights[order], np.float32), cols.astype(np.int32), indptr), shape=(n_out, n_in))
+            (np.ascontiguousarray(weights[order], np.float32), cols.astype(index_dtype), indptr),
+            shape=(n_out, n_in))
         self.owner = np.ascontiguousarray(owner[order], np.int16)
         self.importance = np.ascontiguousarray(importance[order], np.float32)
         self.rows = rows.astype(np.int32)

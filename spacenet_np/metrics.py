@@ -37,3 +37,28 @@ def average_forgetting(matrix):
     if last == 0:
         return 0.0
     return float(np.mean([max(matrix[i][j] for i in range(j, last)) - matrix[last][j] for j in range(last)]))
+
+
+def model_size(model):
+    """Live parameters and their storage: ``{"parameters", "bytes"}``.
+
+    Parameters are the live connections plus the biases of the neurons that have state (slots) in hidden and
+    output layers. Bytes count the CSR weights, column indices and row pointers, and those biases.
+    """
+    parameters, size = 0, 0
+    for layer in model.layers:
+        parameters += layer.nnz + layer.bias.size
+        size += layer.weights.nbytes + layer.indices.nbytes + layer.indptr.nbytes + layer.bias.nbytes
+    return {"parameters": int(parameters), "bytes": int(size)}
+
+
+def run_metrics(matrix):
+    """Every metric of one run from its accuracy matrix ``R`` (list of rows of growing length)."""
+    last = list(matrix[-1])
+    return {
+        "final_average_accuracy": final_average_accuracy(matrix),
+        "backward_transfer": backward_transfer(matrix),
+        "average_forgetting": average_forgetting(matrix),
+        "final_per_task_accuracy": last,
+        "final_per_task_std": float(np.std(last)),
+    }

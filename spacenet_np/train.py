@@ -4,6 +4,9 @@ Wires a task stream, a strategy and the metrics together: trains one model per s
 task seen so far after each task, and writes ``OUT/results.json`` atomically.
 """
 import argparse
+import csv
+import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .fileio import atomic_write_json
+from .fileio import atomic_write_bytes, atomic_write_json
 from .network import SparseMLP
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, TrainingDiverged
 from .streams import STREAMS, get_stream
@@ -117,19 +120,40 @@ def run_seed(stream, method, config, hidden, seed, progress):
         progress.line(f"seed {seed} task {task.index + 1}/{len(stream.tasks)} classes {list(task.classes)} "
                       f"({time.perf_counter() - task_start:.1f} s): accuracy "
                       + " ".join(f"{a:.2f}" for a in matrix[-1]) + f" | average {np.mean(matrix[-1]):.2f}")
+    size = metrics.model_size(model)
     return {
         "seed": seed,
         "accuracy_matrix": matrix,
-        "final_average_accuracy": metrics.final_average_accuracy(matrix),
+        **metrics.run_metrics(matrix),
         "wall_time_s": time.perf_counter() - start,
         "connections_per_layer": model.connection_counts(),
         "free_neurons_per_layer": [n.n_free for n in model.neurons[1:-1]],
+        "parameter_count": size["parameters"],
+        "model_size_bytes": size["bytes"],
     }
 
 
 def format_matrix(matrix):
     """The accuracy matrix as aligned text rows."""
     return "\n".join(f"  after task {i + 1}: " + " ".join(f"{a:6.2f}" for a in row) for i, row in enumerate(matrix))
+
+
+CSV_FIELDS = ("task", "method", "seed", "final_average_accuracy", "backward_transfer", "average_forgetting",
+              "final_per_task_std", "final_per_task_accuracy", "parameter_count", "model_size_bytes", "wall_time_s",
+              "config")
+
+
+def csv_rows(results):
+    """One CSV row per run, with a header, so files from many invocations can be concatenated."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for run in results["runs"]:
+        row = {key: run.get(key) for key in CSV_FIELDS}
+        row.update(task=results["task"], method=results["method"], config=json.dumps(results["config"]),
+                   final_per_task_accuracy=" ".join(f"{a:.2f}" for a in run["final_per_task_accuracy"]))
+        writer.writerow(row)
+    return buffer.getvalue()
 
 
 def main(argv=None):
@@ -167,6 +191,7 @@ def main(argv=None):
         "std_final_average_accuracy": float(np.std(finals)),
     }
     atomic_write_json(out_dir / "results.json", results)
+    atomic_write_bytes(out_dir / "runs.csv", csv_rows(results).encode())
     print(f"{args.task} {args.method}: final average accuracy {np.mean(finals):.2f} +/- {np.std(finals):.2f} % "
           f"over {len(finals)} seed(s); results in {out_dir / 'results.json'}")
     return 0
