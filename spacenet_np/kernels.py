@@ -28,14 +28,16 @@ def pick(kernel_pair, work):
     return kernel_pair[1] if work >= PARALLEL_MIN_WORK else kernel_pair[0]
 
 
-def _csr_forward(indptr, indices, weights, bias, x, out, relu):
-    """``out = W @ x + bias[:, None]``, then ReLU if ``relu``.
+def _csr_forward(active_rows, indptr, indices, weights, bias, x, out, relu):
+    """``out[i] = W[i] @ x + bias[i]`` for ``i`` in ``active_rows``, then ReLU if ``relu``; other rows untouched.
 
-    indptr (n_out + 1,), indices (nnz,), weights (nnz,), bias (n_out,), x (n_in, batch), out (n_out, batch).
+    active_rows (m,), indptr (n_out + 1,), indices (nnz,), weights (nnz,), bias (n_out,), x (n_in, batch),
+    out (n_out, batch).
     Four connections are added per pass over the output row, which quarters its loads and stores.
     """
     batch = x.shape[1]
-    for i in prange(out.shape[0]):
+    for q in prange(active_rows.shape[0]):
+        i = active_rows[q]
         acc = out[i]
         b_i = bias[i]
         for b in range(batch):

@@ -168,9 +168,26 @@ class SparseLinear:
         self.owner = np.ascontiguousarray(owner[order], np.int16)
         self.importance = np.ascontiguousarray(importance[order], np.float32)
         self.rows = rows.astype(np.int32)
-        self.col_order = np.argsort(self.indices, kind="stable").astype(np.int64)
+        self.version = getattr(self, "version", 0) + 1
+        self.set_active_rows(None)
+
+    def set_active_rows(self, active):
+        """Compute only the output rows in ``active`` ((out slots,) bool, or None for all).
+
+        Rows that feed nothing downstream do not change the loss, so the forward pass skips them and the CSC view
+        used by the backward pass keeps only the connections of active rows. Builds ``active_rows``,
+        ``col_ptr`` and ``col_order``.
+        """
+        n_in = self.in_index.n_slots
+        if active is None:
+            self.active_rows = np.arange(self.out_index.n_slots, dtype=np.int64)
+            kept = np.arange(self.nnz, dtype=np.int64)
+        else:
+            self.active_rows = np.flatnonzero(active)
+            kept = np.flatnonzero(active[self.rows])
+        self.col_order = kept[np.argsort(self.indices[kept], kind="stable")]
         self.col_ptr = np.zeros(n_in + 1, dtype=np.int64)
-        np.cumsum(np.bincount(self.indices, minlength=n_in), out=self.col_ptr[1:])
+        np.cumsum(np.bincount(self.indices[kept], minlength=n_in), out=self.col_ptr[1:])
 
     def resize_to_indices(self):
         """Follow new slots of the neuron indices (slots are only appended, so positions stay valid)."""
@@ -179,9 +196,9 @@ class SparseLinear:
 
     # ----- computation -----
     def forward(self, x, out, relu):
-        """``out = W @ x + bias`` (then ReLU). x (in slots, batch) float32, out (out slots, batch) float32."""
+        """``out = W @ x + bias`` (then ReLU) for the active rows. x (in slots, batch), out (out slots, batch)."""
         kernel = kernels.pick(kernels.csr_forward, self.nnz * x.shape[1])
-        kernel(self.indptr, self.indices, self.weights, self.bias, x, out, relu)
+        kernel(self.active_rows, self.indptr, self.indices, self.weights, self.bias, x, out, relu)
         return out
 
     def backward_input(self, delta, input_activation, out):

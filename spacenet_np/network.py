@@ -43,6 +43,7 @@ class SparseMLP:
                         + [NeuronIndex(sizes[-1], dense=True)])
         self.layers = [SparseLinear(a, b) for a, b in zip(self.neurons[:-1], self.neurons[1:])]
         self.known_classes = np.zeros(sizes[-1], dtype=bool)
+        self._active_versions = None
         self._buffers = {}
 
     @property
@@ -60,12 +61,34 @@ class SparseMLP:
         if key not in self._buffers:
             if len(self._buffers) > 4:
                 self._buffers.clear()
-            self._buffers[key] = ([np.empty((s, batch), np.float32) for s in shapes],
-                                  [np.empty((s, batch), np.float32) for s in shapes])
+            # zeros: rows outside the active cone are read (times a zero gradient) but never written
+            self._buffers[key] = ([np.zeros((s, batch), np.float32) for s in shapes],
+                                  [np.zeros((s, batch), np.float32) for s in shapes])
         return self._buffers[key]
 
+    def update_active_rows(self):
+        """Restrict every layer to the neurons that reach the output (dead-end neurons cannot change the loss).
+
+        Walks down from the output layer (all rows active): a neuron is active if an active row of the layer
+        above has a connection from it. Recomputed only when some layer's structure changed.
+        """
+        versions = tuple(layer.version for layer in self.layers)
+        if versions == self._active_versions:
+            return
+        active = np.ones(self.layers[-1].out_index.n_slots, dtype=bool)
+        for layer in reversed(self.layers):
+            layer.set_active_rows(active)
+            below = np.zeros(layer.in_index.n_slots, dtype=bool)
+            below[layer.indices[active[layer.rows]]] = True
+            active = below
+        self._active_versions = versions
+
     def forward(self, x):
-        """Activations of every layer. x (n_features, batch) float32 → list of (slots, batch), logits last."""
+        """Activations of every layer. x (n_features, batch) float32 → list of (slots, batch), logits last.
+
+        Rows of neurons that do not reach the output are not computed (see ``update_active_rows``).
+        """
+        self.update_active_rows()
         activations, _ = self.buffers(x.shape[1])
         activations[0] = x
         last = len(self.layers) - 1
