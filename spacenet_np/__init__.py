@@ -10,11 +10,14 @@ A notebook needs only this::
         learner.learn(task.x_train, task.y_train, task.classes)
     predictions = learner.predict(stream.tasks[0].x_test)
 """
+from .checkpoint import CheckpointError, load, predict_from_checkpoint, restore_learner, save_learner, save_model
+from .methods import EWC, METHODS, FineTune, Joint, SpaceNetRehearsal
 from .metrics import average_forgetting, backward_transfer, evaluate_tasks, final_average_accuracy
 from .network import SparseMLP
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, TrainingDiverged, predict
 from .streams import get_stream
 
-__all__ = ["SparseMLP", "SpaceNet", "SpaceNetConfig", "StaticSparseNN", "TrainingDiverged", "predict",
+__all__ = ["load", "save_model", "save_learner", "restore_learner", "predict_from_checkpoint", "CheckpointError",
+           "METHODS", "SpaceNetRehearsal", "FineTune", "Joint", "EWC", "SparseMLP", "SpaceNet", "SpaceNetConfig", "StaticSparseNN", "TrainingDiverged", "predict",
            "get_stream", "evaluate_tasks", "final_average_accuracy", "backward_transfer", "average_forgetting"]
 __version__ = "0.1.0"

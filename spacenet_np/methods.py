@@ -1,0 +1,379 @@
+"""Baseline continual-learning methods on the same sparse engine as SpaceNet.
+
+- ``SpaceNetRehearsal`` ("rehearsal"): SpaceNet (allocation, rewiring, reservation) whose batches mix the current
+  task's data with a replay buffer of old tasks' samples (paper, Sec. 5.1.2). Old connections stay fixed; the old
+  output heads stay in the network (old classes are trained against) and stay frozen.
+- ``FineTune`` ("finetune"): the lower bound. One static sparse network holding the connections SpaceNet has after
+  ``total_tasks`` tasks, allocated at random over every layer at the first task; every connection and bias trains on
+  every task; nothing is reserved or set aside.
+- ``Joint`` ("joint"): the upper bound. FineTune's network trained at task t on the union of the training data of
+  tasks 1..t (shuffled together, ``config.epochs`` epochs), continuing from the current weights. This cumulative
+  form gives a full accuracy matrix (one row per task) at the cost of retraining on old data; its last row is the
+  usual joint-training upper bound.
+- ``EWC`` ("ewc"): Elastic Weight Consolidation (Kirkpatrick et al., 2017) on FineTune's network: after each task
+  the diagonal empirical Fisher (mean squared per-sample gradient of the loss at the true labels) of every
+  connection and bias is added to a running sum F, and the parameters are kept as theta*. Later tasks add
+  ``ewc_lambda * F * (theta - theta*)`` to every gradient, with ``ewc_lambda * F`` capped at ``1 / lr`` (plain SGD
+  diverges beyond ``2 / lr``; see ``EWC``).
+
+Every method has ``extra_state()`` / ``load_extra_state(state)`` (the training state a checkpoint needs beyond the
+model and the rng: the replay buffer, the Fisher and theta* arrays) and ``extra_options()`` (the constructor options
+that rebuild it). ``METHODS`` maps names to classes.
+"""
+import numpy as np
+
+from .spacenet import SpaceNet, StaticSparseNN
+from .strategy import Learner, TaskState
+
+
+class _TaskMethod:
+    """Shared machinery of the methods: option bookkeeping, extra state, and the current task's data.
+
+    ``learn`` keeps the task's ``(images, labels)`` in ``self.task_data`` while the task runs, so that ``end_task``
+    (which the base class calls without data) can use it. ``OPTIONS`` names the constructor options.
+    """
+
+    OPTIONS = ()
+    task_data = None
+
+    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
+        self.task_data = (images, labels)
+        try:
+            return super().learn(images, labels, classes, on_batch=on_batch, on_epoch=on_epoch)
+        finally:
+            self.task_data = None
+
+    def extra_options(self):
+        """The constructor options beyond (model, config, seed, input_mean, input_std). Returns a dict."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
+
+    def extra_state(self):
+        """Training state beyond the model, the rng and ``tasks_learned``, as named arrays."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what ``extra_state`` returned (arrays are copied)."""
+        if state:
+            raise ValueError(f"{self.name} has no extra state, got keys {sorted(state)}")
+
+
+class _Replay(_TaskMethod):
+    """Trains each task on its data together with a buffer of earlier tasks' samples, shuffled together.
+
+    After a task's last epoch (``end_task``, before observers see ``task_end``), ``replay_per_task`` of its samples
+    drawn with the learner's rng (all of them when None) join the buffer, stored as given (uint8 stays uint8).
+    """
+
+    def __init__(self, *args, replay_per_task=None, **options):
+        super().__init__(*args, **options)
+        if replay_per_task is not None and not (isinstance(replay_per_task, (int, np.integer))
+                                                and replay_per_task >= 0):
+            raise ValueError(f"replay_per_task={replay_per_task!r} must be None (all samples) or an int >= 0")
+        self.replay_per_task = None if replay_per_task is None else int(replay_per_task)
+        self.replay_images = np.zeros((0, self.model.n_features), dtype=np.uint8)
+        self.replay_labels = np.zeros(0, dtype=np.int64)
+        self._training_set = None
+
+    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
+        if self.replay_labels.size and getattr(images, "dtype", None) != self.replay_images.dtype:
+            raise ValueError(f"images have dtype {getattr(images, 'dtype', None)} but the replay buffer holds "
+                             f"{self.replay_images.dtype}: every task must give images of the same dtype")
+        try:
+            return super().learn(images, labels, classes, on_batch=on_batch, on_epoch=on_epoch)
+        finally:
+            self._training_set = None
+
+    def training_set(self, images, labels):
+        """The replay buffer followed by ``images``/``labels``: (images (n, n_features), labels (n,) int64)."""
+        if not self.replay_labels.size:
+            return images, np.asarray(labels, dtype=np.int64)
+        return (np.concatenate([self.replay_images, images]),
+                np.concatenate([self.replay_labels, np.asarray(labels, dtype=np.int64)]))
+
+    def train_epoch(self, state, images, labels, epoch, on_batch=None):
+        """One epoch over the task's data and the replay buffer in one random order."""
+        if self._training_set is None:  # built once per task
+            self._training_set = self.training_set(images, labels)
+        super().train_epoch(state, *self._training_set, epoch, on_batch)
+
+    def end_task(self, state):
+        super().end_task(state)
+        self._training_set = None  # free the mixed copy before the buffer grows
+        self.remember(*self.task_data)
+
+    def remember(self, images, labels):
+        """Add ``replay_per_task`` random samples (or all) of a finished task to the buffer."""
+        n = images.shape[0]
+        if self.replay_per_task is None or self.replay_per_task >= n:
+            ids = np.arange(n)
+        else:
+            ids = np.sort(self.rng.choice(n, size=self.replay_per_task, replace=False))
+        if not self.replay_labels.size:
+            self.replay_images = self.replay_images.astype(images.dtype)
+        self.replay_images = np.concatenate([self.replay_images, images[ids]])
+        self.replay_labels = np.concatenate([self.replay_labels, np.asarray(labels, dtype=np.int64)[ids]])
+
+    def extra_state(self):
+        return {**super().extra_state(), "replay_images": self.replay_images.copy(),
+                "replay_labels": self.replay_labels.copy()}
+
+    def load_extra_state(self, state):
+        state = dict(state)
+        if "replay_images" not in state or "replay_labels" not in state:
+            raise ValueError(f"{self.name} state needs replay_images and replay_labels, got keys {sorted(state)}")
+        images, labels = np.asarray(state.pop("replay_images")), np.asarray(state.pop("replay_labels"))
+        if images.ndim != 2 or images.shape[1] != self.model.n_features:
+            raise ValueError(f"replay_images must have shape (n, {self.model.n_features}), got {images.shape}")
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"replay_labels must be ({images.shape[0]},) integers, got {labels.shape} {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.model.n_classes):
+            raise ValueError(f"replay_labels must be within [0, {self.model.n_classes})")
+        super().load_extra_state(state)
+        self.replay_images = np.array(images)
+        self.replay_labels = labels.astype(np.int64)
+
+
+class SpaceNetRehearsal(_Replay, SpaceNet):
+    """SpaceNet-Rehearsal (paper, Sec. 5.1.2): SpaceNet with the old tasks' data replayed in every batch.
+
+    Allocation, rewiring and reservation are SpaceNet's, and only the current task's connections (and the biases
+    SpaceNet trains) change. Because old classes appear in the batches, the old output heads stay in the network
+    while a task trains (they are not set aside) and stay frozen. ``replay_per_task``: samples kept per finished
+    task (default None = all of its training data, the paper's setting).
+    """
+
+    name = "rehearsal"
+    OPTIONS = ("replay_per_task",)
+
+    def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, replay_per_task=None):
+        super().__init__(model, config, seed, input_mean, input_std, replay_per_task=replay_per_task)
+
+    def begin_task(self, classes):
+        """SpaceNet's allocation with every output head kept in the network."""
+        state = self.allocate(classes)
+        self._refresh_trainable(state)
+        return state
+
+    def finish_task(self, state):
+        super().finish_task(state)
+        self._refresh_trainable(None)
+
+
+class FineTune(_TaskMethod, Learner):
+    """Fine-tuning on a static sparse network: the lower bound of class-incremental learning.
+
+    At the first task (when the network has no connections) every layer ``l`` gets
+    ``config.connection_count(l) * total_tasks`` connections, as many as SpaceNet has after ``total_tasks`` tasks,
+    at uniformly random positions with Xavier-uniform weights (bound from the full layer shape, or from the block
+    with ``config.init_fan == "selected"``, as SpaceNet). A hidden layer slots all its neurons unless it is wider
+    than the larger connection count of its two adjacent layers; then that many random neurons are slotted, enough
+    to hold the connections, which keeps memory O(connections). Every connection and every bias trains on every
+    task; nothing is reserved or set aside.
+    """
+
+    name = "finetune"
+    OPTIONS = ("total_tasks",)
+
+    def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5):
+        super().__init__(model, config, seed, input_mean, input_std)
+        if not (isinstance(total_tasks, (int, np.integer)) and total_tasks >= 1):
+            raise ValueError(f"total_tasks={total_tasks!r} must be an int >= 1")
+        self.total_tasks = int(total_tasks)
+        for l, (count, layer) in enumerate(zip(self.connection_budget(), model.layers)):
+            if count > layer.in_index.width * layer.out_index.width:
+                raise ValueError(f"connections_per_task[{l}] * total_tasks = {count} exceeds the "
+                                 f"{layer.in_index.width * layer.out_index.width} positions of layer {l}")
+
+    def begin_task(self, classes):
+        if not any(self.model.connection_counts()):
+            self.allocate()
+        self.trainable = [np.arange(layer.nnz) for layer in self.model.layers]
+        self.bias_trainable = [np.ones(n.n_slots, dtype=np.float32) for n in self.model.neurons[1:]]
+        return TaskState(task=self.tasks_learned, classes=classes)
+
+    def finish_task(self, state):
+        self.trainable, self.bias_trainable = [], []
+
+    def connection_budget(self):
+        """Connections per layer of the static network: SpaceNet's per-task count times ``total_tasks``."""
+        return [self.config.connection_count(l, layer.in_index.width, layer.out_index.width) * self.total_tasks
+                for l, layer in enumerate(self.model.layers)]
+
+    def allocate(self):
+        """Slot the hidden neurons and place every layer's connections at random (owner: task 0).
+
+        A hidden layer slotting ``n < width`` neurons has ``n >= count`` of both adjacent layers, so each block
+        holds its layer's connections whenever the full layer does.
+        """
+        model, rng = self.model, self.rng
+        counts = self.connection_budget()
+        selected = [np.arange(model.n_features)]
+        for h, neurons in enumerate(model.neurons[1:-1]):
+            n = min(neurons.width, max(counts[h], counts[h + 1]))
+            ids = np.arange(n) if n == neurons.width else np.sort(rng.choice(neurons.width, size=n, replace=False))
+            selected.append(np.sort(neurons.slots_for(ids)))
+        selected.append(np.arange(model.n_classes))
+        for layer in model.layers:
+            layer.resize_to_indices()
+        for l, layer in enumerate(model.layers):
+            rows, cols = selected[l + 1], selected[l]  # the block holds counts[l] (checked in __init__)
+            keys = np.sort(rng.choice(rows.size * cols.size, size=counts[l], replace=False))
+            fans = (layer.in_index.width + layer.out_index.width if self.config.init_fan == "layer"
+                    else rows.size + cols.size)
+            bound = np.sqrt(6.0 / fans)  # Xavier-uniform, as SpaceNet._allocate_layer
+            weights = rng.uniform(-bound, bound, size=counts[l]).astype(np.float32)
+            layer.add_connections(rows[keys // cols.size], cols[keys % cols.size], weights, 0)
+
+
+class Joint(_Replay, FineTune):
+    """Joint training, the upper bound: at task t, FineTune's network trains on the data of tasks 1..t.
+
+    The data of all tasks seen so far are shuffled together for ``config.epochs`` epochs, continuing from the
+    current weights (cumulative joint training), so the method has a full accuracy matrix like the others.
+    """
+
+    name = "joint"
+    OPTIONS = ("total_tasks",)
+
+    def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5):
+        super().__init__(model, config, seed, input_mean, input_std, total_tasks=total_tasks, replay_per_task=None)
+
+
+class EWC(FineTune):
+    """Elastic Weight Consolidation on FineTune's static sparse network.
+
+    After each task: ``F += mean over fisher_samples training samples of (dL/dtheta)**2`` (per-sample gradients of
+    the cross-entropy at the true labels, the empirical Fisher, for every connection and bias) and
+    ``theta* = theta``. Training later tasks adds ``k * (theta - theta*)`` to every gradient, the gradient of
+    ``1/2 * sum k (theta - theta*)**2``, with the stiffness ``k = min(ewc_lambda * F, 1 / lr)``.
+
+    The cap ``1 / lr`` keeps plain SGD stable: the penalty alone moves a parameter by ``lr * k * (theta - theta*)``
+    per step, so ``lr * k > 2`` oscillates with growing amplitude (at the default ``ewc_lambda=5000`` and
+    ``lr=0.01``, about 0.3 % of the output connections and some output biases exceed it after the first split MNIST
+    task, and training diverges within the third task). At ``lr * k = 1`` a step puts the parameter back at theta*,
+    the strongest pull that does not overshoot; below the cap the penalty is exactly ``ewc_lambda * F``.
+
+    The Fisher samples are drawn from a jumped copy of the learner's rng (``rng.bit_generator.jumped()``): a
+    function of the rng's state that does not advance it. Allocation and batch order are then those of FineTune
+    with the same seed, and ``ewc_lambda=0`` reproduces FineTune bit for bit.
+    """
+
+    name = "ewc"
+    OPTIONS = ("total_tasks", "ewc_lambda", "fisher_samples")
+    KEYS = ("fisher_weights", "fisher_bias", "theta_weights", "theta_bias")  # per layer, aligned with weights/bias
+
+    def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5, ewc_lambda=5000.0,
+                 fisher_samples=600):
+        super().__init__(model, config, seed, input_mean, input_std, total_tasks=total_tasks)
+        if not (np.isfinite(ewc_lambda) and ewc_lambda >= 0):
+            raise ValueError(f"ewc_lambda={ewc_lambda!r} must be a finite number >= 0")
+        if not (isinstance(fisher_samples, (int, np.integer)) and fisher_samples >= 1):
+            raise ValueError(f"fisher_samples={fisher_samples!r} must be an int >= 1")
+        self.ewc_lambda = float(ewc_lambda)
+        self.fisher_samples = int(fisher_samples)
+        self._set_anchor(None, None, None, None)
+
+    # ----- consolidation -----
+    def end_task(self, state):
+        super().end_task(state)
+        self.consolidate(*self.task_data)
+
+    def consolidate(self, images, labels):
+        """Add the task's Fisher to F and keep the current parameters as theta*."""
+        weights, bias = self.fisher(images, labels)
+        if self.fisher_weights is not None:
+            weights = [f + g for f, g in zip(self.fisher_weights, weights)]
+            bias = [f + g for f, g in zip(self.fisher_bias, bias)]
+        self._set_anchor(weights, bias, [layer.weights.copy() for layer in self.model.layers],
+                         [layer.bias.copy() for layer in self.model.layers])
+
+    def fisher(self, images, labels):
+        """Empirical diagonal Fisher: the mean squared gradient of single samples (batch size 1).
+
+        Returns ([per layer (nnz,) float32], [per layer (out slots,) float32]).
+        """
+        rng = np.random.Generator(self.rng.bit_generator.jumped())
+        n = min(self.fisher_samples, images.shape[0])
+        ids = rng.choice(images.shape[0], size=n, replace=False)
+        labels = np.asarray(labels, dtype=np.int64)
+        weights = [np.zeros(layer.nnz) for layer in self.model.layers]
+        bias = [np.zeros(layer.bias.shape[0]) for layer in self.model.layers]
+        for i in ids:
+            one = np.array([i])
+            _, weight_grads, bias_grads = self.model.gradients(self.input_batch(images, one), labels[one])
+            for l in range(len(weights)):
+                weights[l] += np.square(weight_grads[l], dtype=np.float64)
+                bias[l] += np.square(bias_grads[l], dtype=np.float64)
+        return [(w / n).astype(np.float32) for w in weights], [(b / n).astype(np.float32) for b in bias]
+
+    def _set_anchor(self, fisher_weights, fisher_bias, theta_weights, theta_bias):
+        """Set F and theta* (lists per layer, or all None) and the stiffness ``min(ewc_lambda * F, 1 / lr)``."""
+        self.fisher_weights, self.fisher_bias = fisher_weights, fisher_bias
+        self.theta_weights, self.theta_bias = theta_weights, theta_bias
+        if fisher_weights is None:
+            self.stiffness_weights = self.stiffness_bias = None
+            return
+        lam, cap = np.float32(self.ewc_lambda), np.float32(1.0 / self.config.lr)
+        self.stiffness_weights = [np.minimum(lam * f, cap) for f in fisher_weights]
+        self.stiffness_bias = [np.minimum(lam * f, cap) for f in fisher_bias]
+
+    # ----- the penalty -----
+    def weight_grad(self, l, connections, delta, inputs):
+        grad = super().weight_grad(l, connections, delta, inputs)
+        if self.stiffness_weights is not None:
+            grad += self.stiffness_weights[l][connections] * (self.model.layers[l].weights[connections]
+                                                              - self.theta_weights[l][connections])
+        return grad
+
+    def sgd_update(self, l, delta, inputs):
+        """Learner's SGD step, plus the penalty on the trainable biases (computed before the step)."""
+        bias = self.model.layers[l].bias
+        penalty = None
+        if self.stiffness_bias is not None:
+            penalty = self.stiffness_bias[l] * (bias - self.theta_bias[l]) * self.bias_trainable[l]
+        super().sgd_update(l, delta, inputs)
+        if penalty is not None:
+            bias[:] -= np.float32(self.config.lr) * penalty
+
+    # ----- checkpoints -----
+    def extra_state(self):
+        if self.fisher_weights is None:
+            return {}
+        return {f"{key}_{l}": array.copy() for key in self.KEYS for l, array in enumerate(getattr(self, key))}
+
+    def load_extra_state(self, state):
+        if not state:
+            self._set_anchor(None, None, None, None)
+            return
+        layers = self.model.layers
+        expected = {f"{key}_{l}": (layer.nnz if key.endswith("weights") else layer.bias.shape[0],)
+                    for key in self.KEYS for l, layer in enumerate(layers)}
+        if set(state) != set(expected):
+            raise ValueError(f"EWC state must have the keys {sorted(expected)}, got {sorted(state)}")
+        for name, shape in expected.items():
+            if np.shape(state[name]) != shape:
+                raise ValueError(f"{name} must have shape {shape} (the network's), got {np.shape(state[name])}")
+        self._set_anchor(*([np.array(state[f"{key}_{l}"], dtype=np.float32) for l in range(len(layers))]
+                           for key in self.KEYS))
+
+
+METHODS = {"spacenet": SpaceNet, "static": StaticSparseNN, "rehearsal": SpaceNetRehearsal, "finetune": FineTune,
+           "joint": Joint, "ewc": EWC}
+
+
+def extra_options(learner):
+    """``learner.extra_options()``, or {} for learners without options (SpaceNet, StaticSparseNN)."""
+    return learner.extra_options() if hasattr(learner, "extra_options") else {}
+
+
+def extra_state(learner):
+    """``learner.extra_state()``, or {} for learners without extra state (SpaceNet, StaticSparseNN)."""
+    return learner.extra_state() if hasattr(learner, "extra_state") else {}
+
+
+def load_extra_state(learner, state):
+    """``learner.load_extra_state(state)``; learners without extra state accept only an empty state."""
+    if hasattr(learner, "load_extra_state"):
+        learner.load_extra_state(state)
+    elif state:
+        raise ValueError(f"{learner.name} has no extra state, got keys {sorted(state)}")

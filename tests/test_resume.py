@@ -1,0 +1,85 @@
+"""Kill a CLI run mid-task, resume it, and get the numbers of an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spacenet_np import checkpoint, train
+from test_data import write_tiny_dataset
+
+ARGS = ["--task", "split_mnist", "--hidden", "30", "30", "--connections", "300", "50", "20", "--selected", "10", "10",
+        "--reserved", "4", "4", "--epochs", "2", "--batch-size", "16", "--seeds", "0", "1", "--quiet"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_tiny_dataset(tmp_path / "data", "mnist", n_train=300, n_test=100)
+    return tmp_path / "data"
+
+
+def results_without_time(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    for run in results["runs"]:
+        del run["wall_time_s"]
+    return results
+
+
+@pytest.mark.parametrize("method", ["spacenet", "rehearsal", "ewc"])
+def test_interrupted_run_resumes_to_identical_results(data_dir, tmp_path, monkeypatch, method):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ARGS + ["--method", method, "--data-dir", str(data_dir)]
+    assert train.main(args + ["--out", str(full)]) == 0
+
+    saved = {"seed1_tasks": 0}
+    original_save, original_batch = checkpoint.save_learner, train.Progress.batch
+
+    def counting_save(path, learner, progress=None):
+        if progress["seed"] == 1:
+            saved["seed1_tasks"] = learner.tasks_learned
+        return original_save(path, learner, progress)
+
+    def interrupt_in_task_4_of_seed_1(self, loss):
+        if saved["seed1_tasks"] == 3:
+            raise KeyboardInterrupt
+        original_batch(self, loss)
+
+    monkeypatch.setattr(checkpoint, "save_learner", counting_save)
+    monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_4_of_seed_1)
+    monkeypatch.setattr(train.Progress, "start_epoch", lambda self, *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(cut)])
+    assert not (cut / "results.json").exists()
+    assert checkpoint.load(cut / "checkpoints" / "seed1.ckpt").tasks_learned == 3
+    monkeypatch.setattr(train.Progress, "batch", original_batch)
+    assert train.main(["--resume", str(cut)]) == 0
+    assert results_without_time(cut) == results_without_time(full)
+
+
+def test_killed_process_resumes_to_identical_results(data_dir, tmp_path):
+    """A real SIGKILL of the CLI process after its first checkpoint, then --resume."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ARGS + ["--data-dir", str(data_dir), "--epochs", "6"]
+    assert train.main(args + ["--out", str(full)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "spacenet_np.train", *args, "--out", str(cut)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = cut / "checkpoints" / "seed0.ckpt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists(), "the run ended or timed out before its first checkpoint"
+    if (cut / "results.json").exists():
+        pytest.skip("the process finished before it could be killed (machine too fast for this data size)")
+    assert train.main(["--resume", str(cut)]) == 0
+    assert results_without_time(cut) == results_without_time(full)
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(SystemExit, match="args.json"):
+        train.main(["--resume", str(tmp_path)])
