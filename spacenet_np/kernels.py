@@ -145,4 +145,4 @@ gather_standardize = _build(_gather_standardize)
 
 def segment_sum(values, segment_ids, n_segments):
     """Sum of ``values`` per segment id: ``out[s] = values[segment_ids == s].sum()``. Returns (n_segments,) float64."""
-    return np.bincount(segment_ids, weights=values, minlength=n_segments)
+    return np.bincount(segment_ids, weights=values, minlength=n_segments).astype(np.float64, copy=False)

@@ -79,6 +79,15 @@ class NeuronIndex:
                     chosen[n] = None
         return np.fromiter(chosen, dtype=np.int64, count=count)
 
+    def truncate(self, n_slots):
+        """Forget the slots from ``n_slots`` on (undoing a failed task); they must carry no connections."""
+        if not self.dense:
+            for neuron in self.slot_ids[n_slots:].tolist():
+                del self._slot_of[neuron]
+        self.slot_ids = self.slot_ids[:n_slots]
+        self.reserved_by = self.reserved_by[:n_slots]
+        self.bias = self.bias[:n_slots]
+
     def reserve(self, slots, task):
         """Reserve the neurons at ``slots`` for ``task`` (Algorithm 4, lines 6-7)."""
         if np.any(self.reserved_by[slots] != FREE):
@@ -188,6 +197,15 @@ class SparseLinear:
         self.col_order = kept[np.argsort(self.indices[kept], kind="stable")]
         self.col_ptr = np.zeros(n_in + 1, dtype=np.int64)
         np.cumsum(np.bincount(self.indices[kept], minlength=n_in), out=self.col_ptr[1:])
+
+    def connection_arrays(self):
+        """Copies of (rows, cols, weights, owner, importance) of every connection, for ``set_connection_arrays``."""
+        return (self.rows.astype(np.int64), self.indices.astype(np.int64), self.weights.copy(), self.owner.copy(),
+                self.importance.copy())
+
+    def set_connection_arrays(self, arrays):
+        """Replace every connection by ``arrays`` from ``connection_arrays``."""
+        self._set_connections(*arrays)
 
     def resize_to_indices(self):
         """Follow new slots of the neuron indices (slots are only appended, so positions stay valid)."""

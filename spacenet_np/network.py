@@ -135,6 +135,25 @@ class SparseMLP:
         self.backward(activations, delta_out, record)
         return loss, weight_grads, bias_grads
 
+    def snapshot(self):
+        """Copies of everything a task can change: connections, slots, reserved lists, biases, known classes.
+
+        O(connections + neurons); taken once per task so that a failed task can be undone with ``restore``.
+        """
+        return ([layer.connection_arrays() for layer in self.layers],
+                [(n.n_slots, n.reserved_by.copy(), n.bias.copy()) for n in self.neurons],
+                self.known_classes.copy())
+
+    def restore(self, snapshot):
+        """Put the network back into the state of ``snapshot`` (from ``snapshot()``)."""
+        connections, neurons, known_classes = snapshot
+        for index, (n_slots, reserved_by, bias) in zip(self.neurons, neurons):
+            index.truncate(n_slots)
+            index.reserved_by, index.bias = reserved_by.copy(), bias.copy()
+        for layer, arrays in zip(self.layers, connections):
+            layer.set_connection_arrays(arrays)
+        self.known_classes = known_classes.copy()
+
     def connection_counts(self):
         """Live connections per layer. Returns a list of ints."""
         return [layer.nnz for layer in self.layers]

@@ -1,0 +1,319 @@
+"""The Numba kernels, serial and parallel builds, against dense NumPy references on random sparse matrices."""
+import numba
+import numpy as np
+import pytest
+import scipy.sparse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spacenet_np import kernels
+from spacenet_np.layers import NeuronIndex, SparseLinear
+
+BUILDS = [pytest.param(0, id="serial"), pytest.param(1, id="parallel")]
+SETTINGS = settings(max_examples=25, deadline=None)
+
+# float32 with fastmath (reassociation, FMA): relative errors of a few ulp per accumulated term.
+RTOL = 1e-5
+ATOL = 1e-5
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 17))  # n_out, n_in, batch
+densities = st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0])
+seeds = st.integers(0, 2**32 - 1)
+
+
+def random_csr(rng, n_out, n_in, density, empty_rows=0):
+    """A random float32 canonical CSR matrix (as the engine keeps it) with ``empty_rows`` empty rows."""
+    W = scipy.sparse.random(n_out, n_in, density=density, format="csr", dtype=np.float32, random_state=rng,
+                            data_rvs=lambda k: rng.uniform(-1.0, 1.0, size=k))
+    W = W.tolil()
+    for i in rng.choice(n_out, size=min(empty_rows, n_out), replace=False):
+        W.rows[i] = []
+        W.data[i] = []
+    W = scipy.sparse.csr_array(W.tocsr())
+    W.sum_duplicates()
+    W.sort_indices()
+    return W
+
+
+def csc_view(W):
+    """Hand-built CSC view of a CSR matrix: (rows, col_ptr, col_order), independent of SparseLinear."""
+    n_out, n_in = W.shape
+    rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
+    col_order = np.concatenate([np.flatnonzero(W.indices == j) for j in range(n_in)]
+                               + [np.zeros(0, np.int64)])
+    col_ptr = np.zeros(n_in + 1, dtype=np.int64)
+    col_ptr[1:] = np.cumsum([np.count_nonzero(W.indices == j) for j in range(n_in)])
+    return rows, col_ptr, col_order.astype(np.int64)
+
+
+def dense_linear_layer(W):
+    """A SparseLinear between two dense NeuronIndex objects holding exactly the connections of ``W``."""
+    n_out, n_in = W.shape
+    layer = SparseLinear(NeuronIndex(n_in, dense=True), NeuronIndex(n_out, dense=True))
+    coo = W.tocoo()
+    layer.add_connections(coo.row, coo.col, coo.data, owner=0)
+    return layer
+
+
+# ----- csr_forward -----
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("relu", [False, True])
+@SETTINGS
+@given(shape=shapes, density=densities, empty_rows=st.integers(0, 5),
+       active_fraction=st.sampled_from([1.0, 0.5, 0.0]), seed=seeds)
+def test_csr_forward_matches_dense(build, relu, shape, density, empty_rows, active_fraction, seed):
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density, empty_rows)
+    bias = rng.normal(size=n_out).astype(np.float32)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    active_rows = np.sort(rng.permutation(n_out)[:int(round(active_fraction * n_out))]).astype(np.int64)
+    out = np.full((n_out, batch), np.nan, dtype=np.float32)
+
+    kernels.csr_forward[build](active_rows, W.indptr, W.indices, W.data, bias, x, out, relu)
+
+    expected = W.toarray().astype(np.float64) @ x.astype(np.float64) + bias[:, None]
+    if relu:
+        expected = np.maximum(expected, 0.0)
+    scale = 1.0 + np.abs(W.toarray()).astype(np.float64) @ np.abs(x) + np.abs(bias)[:, None]
+    computed = out[active_rows]
+    assert np.all(np.abs(computed - expected[active_rows]) <= RTOL * scale[active_rows] + ATOL)
+    if relu:
+        assert np.all(computed >= 0.0)
+    # Rows outside active_rows are not touched.
+    assert np.all(np.isnan(np.delete(out, active_rows, axis=0)))
+    # An empty row outputs its bias exactly (through the ReLU if any).
+    empty = np.intersect1d(np.flatnonzero(np.diff(W.indptr) == 0), active_rows)
+    expected_empty = np.maximum(bias[empty], 0) if relu else bias[empty]
+    assert np.array_equal(out[empty], np.broadcast_to(expected_empty[:, None], (empty.size, batch)))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_csr_forward_all_rows_empty_gives_bias(build):
+    n_out, n_in, batch = 5, 3, 4
+    indptr = np.zeros(n_out + 1, dtype=np.int32)
+    all_rows = np.arange(n_out, dtype=np.int64)
+    bias = np.array([1.5, -2.0, 0.0, 3.0, -0.5], dtype=np.float32)
+    out = np.full((n_out, batch), np.nan, dtype=np.float32)
+    x = np.ones((n_in, batch), dtype=np.float32)
+    no_indices, no_weights = np.zeros(0, np.int32), np.zeros(0, np.float32)
+    kernels.csr_forward[build](all_rows, indptr, no_indices, no_weights, bias, x, out, False)
+    assert np.array_equal(out, np.repeat(bias[:, None], batch, axis=1))
+    kernels.csr_forward[build](all_rows, indptr, no_indices, no_weights, bias, x, out, True)
+    assert np.array_equal(out, np.repeat(np.maximum(bias, 0)[:, None], batch, axis=1))
+
+
+# ----- csc_backward_input -----
+def backward_reference(W, delta, activation):
+    return (W.toarray().T.astype(np.float64) @ delta.astype(np.float64)) * (activation > 0)
+
+
+def relu_like_activation(rng, n_in, batch):
+    """Activations with exact zeros (inactive ReLU), positives, and a few negatives (must be masked too)."""
+    a = rng.normal(size=(n_in, batch)).astype(np.float32)
+    a[rng.random(a.shape) < 0.3] = 0.0
+    return a
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(shape=shapes, density=densities, empty_rows=st.integers(0, 5), seed=seeds)
+def test_csc_backward_input_hand_built_view(build, shape, density, empty_rows, seed):
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density, empty_rows)
+    rows, col_ptr, col_order = csc_view(W)
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    activation = relu_like_activation(rng, n_in, batch)
+    out = np.full((n_in, batch), np.nan, dtype=np.float32)
+
+    kernels.csc_backward_input[build](col_ptr, col_order, rows, W.data, delta, activation, out)
+
+    expected = backward_reference(W, delta, activation)
+    scale = 1.0 + np.abs(W.toarray().T).astype(np.float64) @ np.abs(delta)
+    assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
+    assert np.all(out[activation <= 0] == 0.0)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(shape=shapes, density=densities, seed=seeds)
+def test_csc_backward_input_with_sparse_linear_view(build, shape, density, seed):
+    """The CSC view that SparseLinear builds (col_ptr, col_order, rows) drives the kernel correctly."""
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density)
+    layer = dense_linear_layer(W)
+    assert np.array_equal(layer.W.toarray(), W.toarray())
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    activation = relu_like_activation(rng, n_in, batch)
+    out = np.full((n_in, batch), np.nan, dtype=np.float32)
+
+    kernels.csc_backward_input[build](layer.col_ptr, layer.col_order, layer.rows, layer.weights, delta,
+                                      activation, out)
+
+    expected = backward_reference(W, delta, activation)
+    scale = 1.0 + np.abs(W.toarray().T).astype(np.float64) @ np.abs(delta)
+    assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(shape=shapes, density=densities, seed=seeds)
+def test_csc_backward_input_with_active_rows_view(build, shape, density, seed):
+    """After ``set_active_rows(mask)`` the CSC view holds only the active rows' connections."""
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density)
+    layer = dense_linear_layer(W)
+    active = rng.random(n_out) < 0.5
+    layer.set_active_rows(active)
+    assert np.array_equal(layer.active_rows, np.flatnonzero(active))
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    activation = relu_like_activation(rng, n_in, batch)
+    out = np.full((n_in, batch), np.nan, dtype=np.float32)
+
+    kernels.csc_backward_input[build](layer.col_ptr, layer.col_order, layer.rows, layer.weights, delta,
+                                      activation, out)
+
+    W_active = W.toarray() * active[:, None]
+    expected = (W_active.T.astype(np.float64) @ delta.astype(np.float64)) * (activation > 0)
+    scale = 1.0 + np.abs(W_active.T).astype(np.float64) @ np.abs(delta)
+    assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
+
+
+# ----- sampled_weight_grad -----
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(shape=shapes, density=densities, fraction=st.floats(0.0, 1.0), seed=seeds)
+def test_sampled_weight_grad_at_live_positions(build, shape, density, fraction, seed):
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density)
+    rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
+    connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    grad = np.full(connections.size, np.nan, dtype=np.float32)
+
+    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
+
+    full = delta.astype(np.float64) @ x.astype(np.float64).T
+    expected = full[rows[connections], W.indices[connections]]
+    scale = (np.abs(delta) @ np.abs(x).T)[rows[connections], W.indices[connections]]
+    assert np.all(np.abs(grad - expected) <= RTOL * scale + ATOL)
+
+
+# ----- sgd_step_with_importance -----
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(nnz=st.integers(0, 300), fraction=st.floats(0.0, 1.0), lr=st.floats(1e-4, 1.0), seed=seeds)
+def test_sgd_step_with_importance_only_listed_connections(build, nnz, fraction, lr, seed):
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=nnz).astype(np.float32)
+    importance = rng.uniform(0.0, 2.0, size=nnz).astype(np.float32)
+    connections = np.sort(rng.permutation(nnz)[:int(round(fraction * nnz))]).astype(np.int64)
+    grad = rng.normal(size=connections.size).astype(np.float32)
+    lr32 = np.float32(lr)
+    w0, i0 = weights.copy(), importance.copy()
+
+    kernels.sgd_step_with_importance[build](connections, grad, lr32, weights, importance)
+
+    g = grad.astype(np.float64)
+    np.testing.assert_allclose(weights[connections], w0[connections] - float(lr32) * g, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(importance[connections], i0[connections] + float(lr32) * g ** 2, rtol=1e-6,
+                               atol=1e-7)
+    assert np.all(importance[connections] >= i0[connections])
+    others = np.setdiff1d(np.arange(nnz), connections)
+    assert np.array_equal(weights[others].view(np.uint32), w0[others].view(np.uint32))
+    assert np.array_equal(importance[others].view(np.uint32), i0[others].view(np.uint32))
+
+
+# ----- gather_standardize -----
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(n=st.integers(1, 50), n_features=st.integers(1, 70), batch=st.integers(1, 40),
+       mean=st.floats(-1.0, 1.0), std=st.floats(0.05, 5.0), seed=seeds)
+def test_gather_standardize(build, n, n_features, batch, mean, std, seed):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, n_features), dtype=np.uint8)
+    images[0, 0], images[-1, -1] = 0, 255
+    sample_ids = rng.integers(0, n, size=batch).astype(np.int64)  # repeats allowed
+    scale = np.float32(1.0 / (255.0 * std))
+    shift = np.float32(-mean / std)
+    out = np.full((n_features, batch), np.nan, dtype=np.float32)
+
+    kernels.gather_standardize[build](images, sample_ids, scale, shift, out)
+
+    expected = (images[sample_ids].T.astype(np.float64) / 255.0 - mean) / std
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * (1.0 + abs(mean) / std))
+
+
+# ----- segment_sum -----
+@SETTINGS
+@given(n=st.integers(1, 200), n_segments=st.integers(1, 30), seed=seeds)
+def test_segment_sum(n, n_segments, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(0.0, 3.0, size=n).astype(np.float32)
+    segment_ids = rng.integers(0, n_segments, size=n).astype(np.int32)
+    out = kernels.segment_sum(values, segment_ids, n_segments)
+    assert out.shape == (n_segments,)
+    assert out.dtype == np.float64
+    expected = np.array([values[segment_ids == s].astype(np.float64).sum() for s in range(n_segments)])
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=0)
+    assert np.all(out[np.setdiff1d(np.arange(n_segments), segment_ids)] == 0.0)
+
+
+def test_segment_sum_of_nothing_is_float64_zeros():
+    """A task with no connections in a layer sums an empty selection: still (n_segments,) float64 zeros."""
+    out = kernels.segment_sum(np.zeros(0, np.float32), np.zeros(0, np.int32), 4)
+    assert out.shape == (4,)
+    assert np.all(out == 0.0)
+    assert out.dtype == np.float64
+
+
+# ----- pick and thread-count independence -----
+def test_pick_chooses_serial_below_threshold_and_parallel_above():
+    for pair in (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
+                 kernels.sgd_step_with_importance, kernels.gather_standardize):
+        assert pair[0] is not pair[1]
+        assert kernels.pick(pair, 0) is pair[0]
+        assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK - 1) is pair[0]
+        assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK) is pair[1]
+        assert kernels.pick(pair, 100 * kernels.PARALLEL_MIN_WORK) is pair[1]
+        assert pair[0].targetoptions.get("parallel", False) is False
+        assert pair[1].targetoptions.get("parallel") is True
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 Numba threads")
+def test_parallel_results_do_not_depend_on_thread_count():
+    """The module promises thread-count independent results: compare 1 thread against all threads, bitwise."""
+    rng = np.random.default_rng(5)
+    W = random_csr(rng, 300, 200, 0.1)
+    rows, col_ptr, col_order = csc_view(W)
+    x = rng.normal(size=(200, 64)).astype(np.float32)
+    delta = rng.normal(size=(300, 64)).astype(np.float32)
+    activation = relu_like_activation(rng, 200, 64)
+    bias = rng.normal(size=300).astype(np.float32)
+    connections = np.arange(W.nnz, dtype=np.int64)
+
+    def run():
+        fwd = np.empty((300, 64), np.float32)
+        all_rows = np.arange(300, dtype=np.int64)
+        kernels.csr_forward[1](all_rows, W.indptr, W.indices, W.data, bias, x, fwd, True)
+        back = np.empty((200, 64), np.float32)
+        kernels.csc_backward_input[1](col_ptr, col_order, rows, W.data, delta, activation, back)
+        grad = np.empty(W.nnz, np.float32)
+        kernels.sampled_weight_grad[1](connections, rows, W.indices, delta, x, grad)
+        return fwd, back, grad
+
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = run()
+    finally:
+        numba.set_num_threads(previous)
+    for a, b in zip(one, many):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
