@@ -188,8 +188,9 @@ class SparseLinear:
         ``col_ptr`` and ``col_order``.
         """
         n_in = self.in_index.n_slots
+        self.all_rows = np.arange(self.out_index.n_slots, dtype=np.int64)
         if active is None:
-            self.active_rows = np.arange(self.out_index.n_slots, dtype=np.int64)
+            self.active_rows = self.all_rows
             kept = np.arange(self.nnz, dtype=np.int64)
         else:
             self.active_rows = np.flatnonzero(active)
@@ -213,10 +214,15 @@ class SparseLinear:
                               self.importance)
 
     # ----- computation -----
-    def forward(self, x, out, relu):
-        """``out = W @ x + bias`` (then ReLU) for the active rows. x (in slots, batch), out (out slots, batch)."""
+    def forward(self, x, out, relu, active_only=False):
+        """``out = W @ x + bias`` (then ReLU). x (in slots, batch), out (out slots, batch).
+
+        With ``active_only`` only the active rows are computed (see ``set_active_rows``); the others keep their
+        old values.
+        """
+        rows = self.active_rows if active_only else self.all_rows
         kernel = kernels.pick(kernels.csr_forward, self.nnz * x.shape[1])
-        kernel(self.active_rows, self.indptr, self.indices, self.weights, self.bias, x, out, relu)
+        kernel(rows, self.indptr, self.indices, self.weights, self.bias, x, out, relu)
         return out
 
     def backward_input(self, delta, input_activation, out):

@@ -83,17 +83,19 @@ class SparseMLP:
             active = below
         self._active_versions = versions
 
-    def forward(self, x):
+    def forward(self, x, reaching_output_only=False):
         """Activations of every layer. x (n_features, batch) float32 → list of (slots, batch), logits last.
 
-        Rows of neurons that do not reach the output are not computed (see ``update_active_rows``).
+        The arrays are reused by the next call. With ``reaching_output_only`` the rows of neurons that do not
+        reach the output are not computed (they cannot change the logits or the loss; see ``update_active_rows``)
+        and hold stale values: training and prediction use this, inspection of hidden activations must not.
         """
         self.update_active_rows()
         activations, _ = self.buffers(x.shape[1])
         activations[0] = x
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
-            layer.forward(activations[l], activations[l + 1], relu=l < last)
+            layer.forward(activations[l], activations[l + 1], relu=l < last, active_only=reaching_output_only)
         return activations
 
     def backward(self, activations, delta_out, step):
@@ -113,8 +115,9 @@ class SparseMLP:
             delta = below
 
     def logits(self, x):
-        """Logits for a standardized batch x (n_features, batch) float32. Returns (n_classes, batch) float32."""
-        return self.forward(x)[-1]
+        """Logits for a standardized batch x (n_features, batch) float32. Returns (n_classes, batch) float32,
+        a buffer that the next forward pass overwrites."""
+        return self.forward(x, reaching_output_only=True)[-1]
 
     def gradients(self, x, labels):
         """Loss and dL/dW at every connection and dL/db for every slot, without changing the network.

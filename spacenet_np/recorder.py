@@ -10,7 +10,9 @@ weight matrix:
   connections per input pixel (Fig. 6);
 - per task, at end: per hidden layer the neurons reserved, shared (have a slot, not reserved) and unused (no
   slot), and the width;
-- per task, at end: the hidden activations of fixed probe samples, for the neurons that have slots (Fig. 4).
+- per task, at end: the hidden activations of fixed probe samples, for the neurons that have slots (Fig. 4),
+  computed from the weights (``learner.input_batch``, then ReLU(W x + b) per layer), not read from the
+  forward pass's buffers.
 
 "The task's connections" are those whose ``owner`` is ``state.task``; only ``state.task``, ``state.classes``,
 the model and ``learner.input_batch`` are used, so the recorder works for every ``Learner``. Recording
@@ -130,15 +132,19 @@ class Recorder:
         self.arrays[f"t{task}_{when}_pixels"] = counts.astype(np.int32)
 
     def _record_activations(self, learner, task):
+        """ReLU(W x + b) of every slotted hidden neuron, computed with SciPy rather than ``model.forward``:
+        the forward pass skips neurons that do not reach the output and reuses its buffers, so its rows for
+        those neurons are zeros or stale values, not their activations."""
         model = learner.model
         n = self.probe_images.shape[0]
         hidden = [[] for _ in model.neurons[1:-1]]
         for start in range(0, n, self.probe_batch):
-            ids = np.arange(start, min(start + self.probe_batch, n))
-            activations = model.forward(learner.input_batch(self.probe_images, ids))
-            for h in range(len(hidden)):
-                # a copy: forward reuses its buffers
-                hidden[h].append(np.array(activations[h + 1], dtype=np.float32))
+            x = learner.input_batch(self.probe_images, np.arange(start, min(start + self.probe_batch, n)))
+            for h, layer in enumerate(model.layers[:-1]):
+                x = np.maximum(layer.W @ x + layer.bias[:, None], 0.0).astype(np.float32)
+                hidden[h].append(x)
+        # kept here too, so that a recorder loaded from a file and given probes saves them
+        self.arrays["probe_labels"] = np.asarray(self.probe_labels, dtype=np.int64).copy()
         for h, neurons in enumerate(model.neurons[1:-1]):
             self.arrays[f"t{task}_act{h}"] = np.concatenate(hidden[h], axis=1)
             self.arrays[f"t{task}_act{h}_ids"] = neurons.slot_ids.astype(np.int64).copy()
