@@ -99,16 +99,37 @@ def _sampled_weight_grad(connections, rows, indices, delta, x, grad):
     """``grad[q] = delta[rows[k]] . x[indices[k]]`` for ``k = connections[q]``: dL/dW only at live connections.
 
     connections (m,), rows (nnz,), indices (nnz,), delta (n_out, batch), x (n_in, batch), grad (m,).
+    Four connections of the same output row (the usual case: CSR order) share one pass over ``delta[row]``.
     """
     batch = x.shape[1]
-    for q in prange(connections.shape[0]):
-        k = connections[q]
-        d = delta[rows[k]]
-        xj = x[indices[k]]
-        s = 0.0
-        for b in range(batch):
-            s += d[b] * xj[b]
-        grad[q] = s
+    n_blocks = (connections.shape[0] + 3) // 4
+    for block in prange(n_blocks):
+        q = 4 * block
+        end = min(q + 4, connections.shape[0])
+        k0 = connections[q]
+        same_row = end - q == 4
+        for p in range(q + 1, end):
+            same_row = same_row and rows[connections[p]] == rows[k0]
+        if same_row:
+            d = delta[rows[k0]]
+            x0, x1 = x[indices[k0]], x[indices[connections[q + 1]]]
+            x2, x3 = x[indices[connections[q + 2]]], x[indices[connections[q + 3]]]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for b in range(batch):
+                s0 += d[b] * x0[b]
+                s1 += d[b] * x1[b]
+                s2 += d[b] * x2[b]
+                s3 += d[b] * x3[b]
+            grad[q], grad[q + 1], grad[q + 2], grad[q + 3] = s0, s1, s2, s3
+        else:
+            for p in range(q, end):
+                k = connections[p]
+                d = delta[rows[k]]
+                xj = x[indices[k]]
+                s = np.float32(0.0)
+                for b in range(batch):
+                    s += d[b] * xj[b]
+                grad[p] = s
 
 
 def _sgd_step_with_importance(connections, grad, lr, weights, importance):
