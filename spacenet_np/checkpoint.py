@@ -105,8 +105,8 @@ def save_learner(path, learner, progress=None):
     and lists), e.g. the accuracy matrix so far, the seed and the wall time. Returns the path.
     """
     meta, arrays = _model_contents(learner.model, learner.input_mean, learner.input_std)
-    extra_options = _call_optional(learner, "extra_options")
-    extra_state = _call_optional(learner, "extra_state")
+    extra_options = learner.extra_options()
+    extra_state = learner.extra_state()
     if not isinstance(extra_options, dict) or not all(isinstance(k, str) for k in extra_options):
         raise TypeError(f"{type(learner).__name__}.extra_options() must return a dict with str keys")
     if not isinstance(extra_state, dict) or not all(isinstance(k, str) and k for k in extra_state):
@@ -131,11 +131,6 @@ def save_learner(path, learner, progress=None):
         "extra_state_keys": sorted(extra_state),
     })
     return _write(path, meta, arrays)
-
-
-def _call_optional(learner, name):
-    method = getattr(learner, name, None)
-    return {} if method is None else method()
 
 
 def _model_contents(model, input_mean, input_std):
@@ -405,9 +400,9 @@ def restore_learner(checkpoint, methods_registry=None):
     ``methods_registry`` maps method names to ``Learner`` classes (default: ``DEFAULT_METHODS``, spacenet and
     static). The class is built as ``cls(model, config, seed=0, input_mean=..., input_std=..., **extra_options)``
     with ``config = cls.config_class(**config)`` (``SpaceNetConfig`` unless the class names another), then
-    ``load_extra_state(extra_state)`` runs if the class has it, and the rng and ``tasks_learned`` are set to the
-    saved ones. The learner trains ``checkpoint.model`` in place: call ``load`` again for a second, independent
-    learner. Continuing the stream gives bit-identical results to an uninterrupted run.
+    ``load_extra_state(extra_state)`` runs, and the rng and ``tasks_learned`` are set to the saved ones. The learner
+    trains ``checkpoint.model`` in place: call ``load`` again for a second, independent learner. Continuing the
+    stream gives bit-identical results to an uninterrupted run.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load(checkpoint)
@@ -431,15 +426,10 @@ def restore_learner(checkpoint, methods_registry=None):
                       input_std=checkpoint.input_std, **checkpoint.extra_options)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot rebuild the {checkpoint.method!r} learner: {err}") from None
-    load_extra_state = getattr(learner, "load_extra_state", None)
-    if load_extra_state is not None:
-        try:
-            load_extra_state(dict(checkpoint.extra_state))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: the {checkpoint.method!r} method state does not fit: {err}") from None
-    elif checkpoint.extra_state:
-        raise CheckpointError(f"{path}: holds method state {sorted(checkpoint.extra_state)} but "
-                              f"{cls.__name__} has no load_extra_state")
+    try:
+        learner.load_extra_state(dict(checkpoint.extra_state))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the {checkpoint.method!r} method state does not fit: {err}") from None
     learner.tasks_learned = checkpoint.tasks_learned
     _set_rng_state(learner, checkpoint.rng_state, path)
     return learner

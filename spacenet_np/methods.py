@@ -16,9 +16,8 @@
   ``ewc_lambda * F * (theta - theta*)`` to every gradient, with ``ewc_lambda * F`` capped at ``1 / lr`` (plain SGD
   diverges beyond ``2 / lr``; see ``EWC``).
 
-Every method has ``extra_state()`` / ``load_extra_state(state)`` (the training state a checkpoint needs beyond the
-model and the rng: the replay buffer, the Fisher and theta* arrays) and ``extra_options()`` (the constructor options
-that rebuild it). ``METHODS`` maps names to classes.
+The replay buffer, the Fisher and theta* arrays are the methods' ``extra_state()``; ``OPTIONS`` names the constructor
+options that ``extra_options()`` returns (see ``Learner``). ``METHODS`` maps names to classes.
 """
 import numpy as np
 
@@ -26,38 +25,7 @@ from .spacenet import SpaceNet, StaticSparseNN
 from .strategy import Learner, TaskState
 
 
-class _TaskMethod:
-    """Shared machinery of the methods: option bookkeeping, extra state, and the current task's data.
-
-    ``learn`` keeps the task's ``(images, labels)`` in ``self.task_data`` while the task runs, so that ``end_task``
-    (which the base class calls without data) can use it. ``OPTIONS`` names the constructor options.
-    """
-
-    OPTIONS = ()
-    task_data = None
-
-    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
-        self.task_data = (images, labels)
-        try:
-            return super().learn(images, labels, classes, on_batch=on_batch, on_epoch=on_epoch)
-        finally:
-            self.task_data = None
-
-    def extra_options(self):
-        """The constructor options beyond (model, config, seed, input_mean, input_std). Returns a dict."""
-        return {name: getattr(self, name) for name in self.OPTIONS}
-
-    def extra_state(self):
-        """Training state beyond the model, the rng and ``tasks_learned``, as named arrays."""
-        return {}
-
-    def load_extra_state(self, state):
-        """Restore what ``extra_state`` returned (arrays are copied)."""
-        if state:
-            raise ValueError(f"{self.name} has no extra state, got keys {sorted(state)}")
-
-
-class _Replay(_TaskMethod):
+class _Replay:
     """Trains each task on its data together with a buffer of earlier tasks' samples, shuffled together.
 
     After a task's last epoch (``end_task``, before observers see ``task_end``), ``replay_per_task`` of its samples
@@ -72,34 +40,25 @@ class _Replay(_TaskMethod):
         self.replay_per_task = None if replay_per_task is None else int(replay_per_task)
         self.replay_images = np.zeros((0, self.model.n_features), dtype=np.uint8)
         self.replay_labels = np.zeros(0, dtype=np.int64)
-        self._training_set = None
 
-    def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
-        if self.replay_labels.size and getattr(images, "dtype", None) != self.replay_images.dtype:
-            raise ValueError(f"images have dtype {getattr(images, 'dtype', None)} but the replay buffer holds "
+    def check_task(self, images, labels, classes):
+        """Learner's checks, and images of the buffer's dtype."""
+        classes = super().check_task(images, labels, classes)
+        if self.replay_labels.size and images.dtype != self.replay_images.dtype:
+            raise ValueError(f"images have dtype {images.dtype} but the replay buffer holds "
                              f"{self.replay_images.dtype}: every task must give images of the same dtype")
-        try:
-            return super().learn(images, labels, classes, on_batch=on_batch, on_epoch=on_epoch)
-        finally:
-            self._training_set = None
+        return classes
 
-    def training_set(self, images, labels):
-        """The replay buffer followed by ``images``/``labels``: (images (n, n_features), labels (n,) int64)."""
+    def training_data(self, state):
+        """The replay buffer followed by the task's data: (images (n, n_features), labels (n,) int64)."""
+        labels = np.asarray(state.labels, dtype=np.int64)
         if not self.replay_labels.size:
-            return images, np.asarray(labels, dtype=np.int64)
-        return (np.concatenate([self.replay_images, images]),
-                np.concatenate([self.replay_labels, np.asarray(labels, dtype=np.int64)]))
-
-    def train_epoch(self, state, images, labels, epoch, on_batch=None):
-        """One epoch over the task's data and the replay buffer in one random order."""
-        if self._training_set is None:  # built once per task
-            self._training_set = self.training_set(images, labels)
-        super().train_epoch(state, *self._training_set, epoch, on_batch)
+            return state.images, labels
+        return np.concatenate([self.replay_images, state.images]), np.concatenate([self.replay_labels, labels])
 
     def end_task(self, state):
         super().end_task(state)
-        self._training_set = None  # free the mixed copy before the buffer grows
-        self.remember(*self.task_data)
+        self.remember(state.images, state.labels)
 
     def remember(self, images, labels):
         """Add ``replay_per_task`` random samples (or all) of a finished task to the buffer."""
@@ -151,15 +110,15 @@ class SpaceNetRehearsal(_Replay, SpaceNet):
     def begin_task(self, classes):
         """SpaceNet's allocation with every output head kept in the network."""
         state = self.allocate(classes)
-        self._refresh_trainable(state)
+        self.refresh_trainable(state)
         return state
 
     def finish_task(self, state):
         super().finish_task(state)
-        self._refresh_trainable(None)
+        self.refresh_trainable(None)
 
 
-class FineTune(_TaskMethod, Learner):
+class FineTune(Learner):
     """Fine-tuning on a static sparse network: the lower bound of class-incremental learning.
 
     At the first task (when the network has no connections) every layer ``l`` gets
@@ -168,7 +127,7 @@ class FineTune(_TaskMethod, Learner):
     with ``config.init_fan == "selected"``, as SpaceNet). A hidden layer slots all its neurons unless it is wider
     than the larger connection count of its two adjacent layers; then that many random neurons are slotted, enough
     to hold the connections, which keeps memory O(connections). Every connection and every bias trains on every
-    task; nothing is reserved or set aside.
+    task; nothing is reserved or set aside. ``config.selected_neurons`` and ``reserved_neurons`` are not used.
     """
 
     name = "finetune"
@@ -218,10 +177,7 @@ class FineTune(_TaskMethod, Learner):
         for l, layer in enumerate(model.layers):
             rows, cols = selected[l + 1], selected[l]  # the block holds counts[l] (checked in __init__)
             keys = np.sort(rng.choice(rows.size * cols.size, size=counts[l], replace=False))
-            fans = (layer.in_index.width + layer.out_index.width if self.config.init_fan == "layer"
-                    else rows.size + cols.size)
-            bound = np.sqrt(6.0 / fans)  # Xavier-uniform, as SpaceNet._allocate_layer
-            weights = rng.uniform(-bound, bound, size=counts[l]).astype(np.float32)
+            weights = self.init_weights(layer, rows, cols, counts[l])
             layer.add_connections(rows[keys // cols.size], cols[keys % cols.size], weights, 0)
 
 
@@ -276,7 +232,7 @@ class EWC(FineTune):
     # ----- consolidation -----
     def end_task(self, state):
         super().end_task(state)
-        self.consolidate(*self.task_data)
+        self.consolidate(state.images, state.labels)
 
     def consolidate(self, images, labels):
         """Add the task's Fisher to F and keep the current parameters as theta*."""
@@ -325,15 +281,12 @@ class EWC(FineTune):
                                                               - self.theta_weights[l][connections])
         return grad
 
-    def sgd_update(self, l, delta, inputs):
-        """Learner's SGD step, plus the penalty on the trainable biases (computed before the step)."""
-        bias = self.model.layers[l].bias
-        penalty = None
+    def bias_grad(self, l, delta):
+        """dL/db plus the penalty ``k * (b - b*)``. Returns (out slots,) float32."""
+        grad = super().bias_grad(l, delta)
         if self.stiffness_bias is not None:
-            penalty = self.stiffness_bias[l] * (bias - self.theta_bias[l]) * self.bias_trainable[l]
-        super().sgd_update(l, delta, inputs)
-        if penalty is not None:
-            bias[:] -= np.float32(self.config.lr) * penalty
+            grad += self.stiffness_bias[l] * (self.model.layers[l].bias - self.theta_bias[l])
+        return grad
 
     # ----- checkpoints -----
     def extra_state(self):
@@ -360,20 +313,3 @@ class EWC(FineTune):
 METHODS = {"spacenet": SpaceNet, "static": StaticSparseNN, "rehearsal": SpaceNetRehearsal, "finetune": FineTune,
            "joint": Joint, "ewc": EWC}
 
-
-def extra_options(learner):
-    """``learner.extra_options()``, or {} for learners without options (SpaceNet, StaticSparseNN)."""
-    return learner.extra_options() if hasattr(learner, "extra_options") else {}
-
-
-def extra_state(learner):
-    """``learner.extra_state()``, or {} for learners without extra state (SpaceNet, StaticSparseNN)."""
-    return learner.extra_state() if hasattr(learner, "extra_state") else {}
-
-
-def load_extra_state(learner, state):
-    """``learner.load_extra_state(state)``; learners without extra state accept only an empty state."""
-    if hasattr(learner, "load_extra_state"):
-        learner.load_extra_state(state)
-    elif state:
-        raise ValueError(f"{learner.name} has no extra state, got keys {sorted(state)}")

@@ -46,16 +46,21 @@ class SpaceNetConfig:
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def validate(self, model):
-        """Raise ValueError naming the first impossible hyperparameter for ``model``."""
+    def validate(self, model, neuron_selection=True):
+        """Raise ValueError naming the first impossible hyperparameter for ``model``.
+
+        ``neuron_selection=False`` skips ``selected_neurons`` and ``reserved_neurons``, for methods without them.
+        """
         n_hidden = len(model.sizes) - 2
-        for name in ("connections_per_task", "selected_neurons", "reserved_neurons"):
-            expected = n_hidden + 1 if name == "connections_per_task" else n_hidden
+        lengths = {"connections_per_task": n_hidden + 1}
+        if neuron_selection:
+            lengths.update(selected_neurons=n_hidden, reserved_neurons=n_hidden)
+        for name, expected in lengths.items():
             if len(getattr(self, name)) != expected:
                 raise ValueError(f"{name} needs {expected} values for {n_hidden} hidden layers, "
                                  f"got {list(getattr(self, name))}")
-        for h, (sel, spec) in enumerate(zip(self.selected_neurons, self.reserved_neurons)):
-            width = model.sizes[h + 1]
+        for h in range(n_hidden if neuron_selection else 0):
+            sel, spec, width = self.selected_neurons[h], self.reserved_neurons[h], model.sizes[h + 1]
             if not 1 <= sel <= width:
                 raise ValueError(f"selected_neurons[{h}]={sel} must be in [1, {width}] (hidden layer {h} width)")
             if not 0 <= spec <= sel:
@@ -90,6 +95,7 @@ class SpaceNet(Learner):
     """
 
     name = "spacenet"
+    uses_neuron_selection = True
     rewires = True
 
     # ----- Algorithm 1 -----
@@ -97,7 +103,7 @@ class SpaceNet(Learner):
         """Allocate the task's connections and set the old output heads aside (lines 11, 14-15)."""
         state = self.allocate(classes)
         state.set_aside = self.set_aside_old_heads(state.task)
-        self._refresh_trainable(state)
+        self.refresh_trainable(state)
         return state
 
     def end_epoch(self, state, epoch):
@@ -140,10 +146,7 @@ class SpaceNet(Learner):
             raise ValueError(f"connections_per_task[{l}]={count} exceeds the {free_positions.size} empty positions "
                              f"between the {cols.size} x {rows.size} selected neurons of layer {l}")
         chosen = np.sort(self.rng.choice(free_positions, size=count, replace=False))
-        fans = (layer.in_index.width + layer.out_index.width if self.config.init_fan == "layer"
-                else rows.size + cols.size)
-        bound = np.sqrt(6.0 / fans)  # Xavier-uniform
-        weights = self.rng.uniform(-bound, bound, size=count).astype(np.float32)
+        weights = self.init_weights(layer, rows, cols, count)
         layer.add_connections(rows[chosen // cols.size], cols[chosen % cols.size], weights, state.task)
 
     @staticmethod
@@ -166,10 +169,11 @@ class SpaceNet(Learner):
         rows, cols, weights, owner, importance = set_aside
         out = self.model.layers[-1]
         out.add_connections(rows, cols, weights, owner, importance)
-        self._refresh_trainable(None)
+        self.refresh_trainable(None)
 
-    def _refresh_trainable(self, state):
-        """Connection ids of the current task per layer, and which biases may change."""
+    def refresh_trainable(self, state):
+        """Set ``trainable`` (the connection ids of ``state``'s task per layer) and ``bias_trainable`` (free hidden
+        neurons and the task's classes); ``state=None`` clears both. Call it after the connections change."""
         if state is None:
             self.trainable, self.bias_trainable = [], []
             return
@@ -178,6 +182,7 @@ class SpaceNet(Learner):
         out_mask = np.zeros(self.model.n_classes, dtype=np.float32)
         out_mask[state.classes] = 1.0
         self.bias_trainable.append(out_mask)
+
 
     # ----- Algorithm 3 -----
     def neuron_importance(self, task):
@@ -203,7 +208,7 @@ class SpaceNet(Learner):
             dropped = self.drop(layer, state.task)
             self.grow(layer, state.task, rows, cols, importance[l + 1], importance[l], fresh,
                       self._free_block(layer, rows, cols), dropped.size)
-        self._refresh_trainable(state)
+        self.refresh_trainable(state)
 
     def drop(self, layer, task):
         """Drop phase: remove the ``r`` fraction of ``task``'s connections with the least Omega (stable order)."""

@@ -4,9 +4,16 @@ A method subclasses ``Learner`` and fills in the task life cycle:
 
 - ``begin_task(classes) -> TaskState``: prepare the network (allocate connections, choose what trains);
   must set ``self.trainable`` (connection ids per layer) and ``self.bias_trainable`` (0/1 mask per layer);
+- ``training_data(state) -> (images, labels)``: what the task trains on, once per task (default: the task's data;
+  replay methods add their buffer);
 - ``end_epoch(state, epoch)``: after each epoch (SpaceNet rewires here);
 - ``end_task(state)``: after the last epoch (SpaceNet reserves neurons here);
 - ``finish_task(state)``: always runs, also after an error (SpaceNet restores the output heads here).
+
+Penalty methods add to the gradients in ``weight_grad`` and ``bias_grad``; ``check_task`` refuses a task before
+anything changes. A method with training state beyond the model and the rng (a replay buffer, a Fisher) returns it
+from ``extra_state`` and takes it back in ``load_extra_state``; ``OPTIONS`` names its constructor options, which
+``extra_options`` returns. Checkpoints rely on these three.
 
 Observers (``learner.observers``) get ``task_begin(learner, state)`` and ``task_end(learner, state)`` calls, which
 the report uses to record snapshots without the method knowing about it.
@@ -25,9 +32,15 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TaskState:
-    """What a task needs while it trains: its id, its classes, and method-specific fields."""
+    """What a task needs while it trains: its id, its classes, its data, and method-specific fields.
+
+    ``images`` (n, n_features) uint8 or standardized float and ``labels`` (n,) are the task's own training data,
+    set by ``Learner.learn``.
+    """
     task: int
     classes: np.ndarray
+    images: np.ndarray = None
+    labels: np.ndarray = None
     selected: list = field(default_factory=list)  # SpaceNet: sorted slot arrays, one per NeuronIndex
     set_aside: tuple = None  # SpaceNet: output connections of old tasks, out of the network while training
 
@@ -36,12 +49,16 @@ class Learner:
     """Learns tasks one after another on a ``SparseMLP`` with plain SGD (``config.lr``, ``config.batch_size``).
 
     ``rng`` is the only source of randomness (allocation, shuffling), so a seed fixes every number.
+    ``uses_neuron_selection``: whether the method reads ``config.selected_neurons``/``reserved_neurons`` (only then
+    does the constructor check them).
     """
 
     name = "learner"
+    uses_neuron_selection = False
+    OPTIONS = ()  # constructor options beyond (model, config, seed, input_mean, input_std)
 
     def __init__(self, model: SparseMLP, config, seed=0, input_mean=0.0, input_std=1.0):
-        config.validate(model)
+        config.validate(model, neuron_selection=self.uses_neuron_selection)
         if not (np.isfinite(input_std) and input_std > 0):
             raise ValueError(f"input_std={input_std} must be a positive finite number")
         self.model = model
@@ -57,21 +74,26 @@ class Learner:
     def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
         """Learn one task from ``images`` (n, n_features) uint8 or standardized float and ``labels`` (n,).
 
-        ``classes`` are the task's global class labels. ``on_batch(epoch, loss)`` and ``on_epoch(epoch)`` are
-        optional progress callbacks. Returns the task's ``TaskState``.
+        ``classes`` are the task's global class labels. ``on_batch(epoch, batch_index, n_batches, loss)`` and
+        ``on_epoch(epoch)`` are optional progress callbacks. Returns the task's ``TaskState``. If the task fails
+        (an impossible allocation, a diverging loss, an interrupt), the network is restored to its state before
+        the task, so it can be learned again, e.g. with a lower learning rate.
         """
-        classes = self._check_task(images, labels, classes)
-        state = self.begin_task(classes)
-        self._notify("task_begin", state)
+        classes = self.check_task(images, labels, classes)
+        before = self.model.snapshot()
         try:
-            for epoch in range(self.config.epochs):
-                self.train_epoch(state, images, labels, epoch, on_batch)
-                self.end_epoch(state, epoch)
-                if on_epoch is not None:
-                    on_epoch(epoch)
-            self.end_task(state)
-        finally:
-            self.finish_task(state)
+            state = self.begin_task(classes)
+            state.images, state.labels = images, labels
+            self._notify("task_begin", state)
+            try:
+                self.train_epochs(state, on_batch, on_epoch)
+                self.end_task(state)
+            finally:
+                self.finish_task(state)
+        except BaseException:  # a failed or interrupted task leaves the network as it was before it
+            self.model.restore(before)
+            self.trainable, self.bias_trainable = [], []
+            raise
         self.tasks_learned += 1
         self.model.known_classes[classes] = True
         self._notify("task_end", state)
@@ -80,6 +102,10 @@ class Learner:
     # ----- the task life cycle (override in methods) -----
     def begin_task(self, classes):
         raise NotImplementedError
+
+    def training_data(self, state):
+        """What the task trains on: (images (n, n_features), labels (n,)). Default: the task's own data."""
+        return state.images, state.labels
 
     def end_epoch(self, state, epoch):
         pass
@@ -91,18 +117,32 @@ class Learner:
         pass
 
     # ----- training -----
+    def train_epochs(self, state, on_batch=None, on_epoch=None):
+        """``config.epochs`` epochs over ``training_data(state)``, each followed by ``end_epoch``.
+
+        The training data live only while the epochs run, so ``end_task`` does not hold them.
+        """
+        images, labels = self.training_data(state)
+        for epoch in range(self.config.epochs):
+            self.train_epoch(state, images, labels, epoch, on_batch)
+            self.end_epoch(state, epoch)
+            if on_epoch is not None:
+                on_epoch(epoch)
+
     def train_epoch(self, state, images, labels, epoch, on_batch=None):
-        """One epoch of SGD over ``images`` in a random order, on ``self.trainable``."""
+        """One epoch of SGD over ``images`` (n, n_features) and ``labels`` (n,) in a random order, on
+        ``self.trainable``. Calls ``on_batch(epoch, batch_index, n_batches, loss)`` after each batch."""
+        batch_size = self.config.batch_size
         order = self.rng.permutation(images.shape[0])
-        for start in range(0, order.size, self.config.batch_size):
-            ids = order[start:start + self.config.batch_size]
+        n_batches = -(-order.size // batch_size)
+        for batch, start in enumerate(range(0, order.size, batch_size)):
+            ids = order[start:start + batch_size]
             loss = self.train_step(self.input_batch(images, ids), labels[ids])
             if not np.isfinite(loss):
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
-                                       f"batch {start // self.config.batch_size}: lower the learning rate "
-                                       f"(lr={self.config.lr})")
+                                       f"batch {batch}: lower the learning rate (lr={self.config.lr})")
             if on_batch is not None:
-                on_batch(epoch, loss)
+                on_batch(epoch, batch, n_batches, loss)
 
     def input_batch(self, images, ids):
         """Standardized batch for samples ``ids``. Returns (n_features, batch) float32."""
@@ -112,7 +152,7 @@ class Learner:
 
     def train_step(self, x, labels):
         """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss."""
-        activations = self.model.forward(x)
+        activations = self.model.forward(x, reaching_output_only=True)
         loss, delta = softmax_cross_entropy(activations[-1], labels)
         self.model.backward(activations, delta, self.sgd_update)
         return loss
@@ -124,11 +164,42 @@ class Learner:
         grad = self.weight_grad(l, connections, delta, inputs)
         kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * 64)
         kernel(connections, grad, np.float32(self.config.lr), layer.weights, layer.importance)
-        layer.bias[:] -= self.config.lr * delta.sum(axis=1) * self.bias_trainable[l]
+        layer.bias[:] -= self.config.lr * self.bias_grad(l, delta) * self.bias_trainable[l]
 
     def weight_grad(self, l, connections, delta, inputs):
         """dL/dW of layer ``l`` at ``connections`` (m,) float32; methods add penalty gradients here."""
         return self.model.layers[l].weight_grad(connections, delta, inputs)
+
+    def bias_grad(self, l, delta):
+        """dL/db of layer ``l`` from its delta (out slots, batch). Returns (out slots,) float32; methods add penalty
+        gradients here."""
+        return delta.sum(axis=1)
+
+    def init_weights(self, layer, rows, cols, count):
+        """``count`` Xavier-uniform weights for new connections of ``layer`` between the slots ``rows`` x ``cols``.
+
+        The bound comes from the full layer shape (``config.init_fan == "layer"``) or from the ``rows`` x ``cols``
+        block (``"selected"``). Draws from ``self.rng``. Returns (count,) float32.
+        """
+        if self.config.init_fan == "layer":
+            bound = xavier_bound(layer.in_index.width, layer.out_index.width)
+        else:
+            bound = xavier_bound(cols.size, rows.size)
+        return self.rng.uniform(-bound, bound, size=count).astype(np.float32)
+
+    # ----- method state, for checkpoints -----
+    def extra_options(self):
+        """The constructor options named in ``OPTIONS``, with their values. Returns a dict."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
+
+    def extra_state(self):
+        """Training state beyond the model, the rng and ``tasks_learned``, as named arrays. Default: none."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what ``extra_state`` returned (arrays are copied); a method without extra state takes only {}."""
+        if state:
+            raise ValueError(f"{self.name} has no extra state, got keys {sorted(state)}")
 
     # ----- inference -----
     def predict(self, images, batch_size=1000):
@@ -141,7 +212,8 @@ class Learner:
             if handler is not None:
                 handler(self, state)
 
-    def _check_task(self, images, labels, classes):
+    def check_task(self, images, labels, classes):
+        """Raise ValueError for an impossible task, before anything changes. Returns the sorted unique classes."""
         check_inputs(images, self.model.n_features, "images")
         classes = np.unique(np.asarray(classes, dtype=np.int64))
         if classes.size == 0 or classes.min() < 0 or classes.max() >= self.model.n_classes:
@@ -156,6 +228,11 @@ class Learner:
             raise ValueError(f"labels contain {np.unique(labels[outside]).tolist()}, outside the task's classes "
                              f"{classes.tolist()}")
         return classes
+
+
+def xavier_bound(fan_in, fan_out):
+    """The Xavier-uniform (Glorot) bound ``sqrt(6 / (fan_in + fan_out))``."""
+    return np.sqrt(6.0 / (fan_in + fan_out))
 
 
 def check_inputs(images, n_features, name):

@@ -153,14 +153,11 @@ def run_seed(stream, args, config, seed, progress, files):
     learner.observers.append(recorder)
     for task in stream.tasks[learner.tasks_learned:]:
         task_start = time.perf_counter()
-        n_batches = -(-task.x_train.shape[0] // config.batch_size)
-        epoch_seen = [-1]
 
-        def on_batch(epoch, loss):
-            if epoch != epoch_seen[0]:
+        def on_batch(epoch, batch, n_batches, loss):  # n_batches: of what the method trains on (replay included)
+            if batch == 0:
                 progress.end_epoch()
                 progress.start_epoch(task.index, epoch, n_batches)
-                epoch_seen[0] = epoch
             progress.batch(loss)
 
         try:
@@ -237,7 +234,8 @@ def main(argv=None):
     config = config_from_args(args)
     stream = get_stream(args.task, args.data_dir)
     try:
-        config.validate(SparseMLP(stream.n_features, args.hidden, stream.n_classes))
+        config.validate(SparseMLP(stream.n_features, args.hidden, stream.n_classes),
+                        neuron_selection=METHODS[args.method].uses_neuron_selection)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     files = RunFiles(args.out or f"runs/{args.task}-{args.method}")

@@ -37,7 +37,7 @@ def learned(request, blobs32):
     for t, classes in enumerate(TASKS):
         task_losses = []
         sn.learn(*task_split(x_train, y_train, classes), classes,
-                 on_batch=lambda epoch, loss: task_losses.append((epoch, loss)),
+                 on_batch=lambda epoch, batch, n_batches, loss: task_losses.append((epoch, loss)),
                  on_epoch=epochs_seen.append)
         losses.append(task_losses)
         stages.append(sn.predict(x_test))  # directly after the task, no extra step

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import connection_table, make_blobs, task_split, tiny_config
-from spacenet_np.methods import (EWC, METHODS, FineTune, Joint, SpaceNetRehearsal, extra_options, extra_state,
-                                 load_extra_state)
+from spacenet_np.methods import EWC, METHODS, FineTune, Joint, SpaceNetRehearsal
 from spacenet_np.network import SparseMLP, softmax_cross_entropy
+from spacenet_np.strategy import TaskState
 
 N_FEATURES, HIDDEN, N_CLASSES = 16, [40], 6
 TASKS = [[0, 1], [2, 3], [4, 5]]
@@ -138,7 +138,8 @@ def test_rehearsal_buffer_size_and_training_set(data, replay_per_task, seed):
 def test_rehearsal_training_set_of_a_later_task_holds_old_labels(data):
     learner = build("rehearsal", replay_per_task=5)
     learn(learner, data, [0, 1])
-    images, labels = learner.training_set(*data[2])
+    images, labels = learner.training_data(TaskState(task=2, classes=np.array(TASKS[2]), images=data[2][0],
+                                                     labels=data[2][1]))
     assert images.shape == (10 + data[2][0].shape[0], N_FEATURES) and images.dtype == np.uint8
     assert set(np.unique(labels).tolist()) == set(range(6))
 
@@ -378,8 +379,8 @@ def test_every_method_is_deterministic_for_a_seed(data, name):
         runs.append((learner, learner.predict(np.concatenate([images for images, _ in data]))))
     assert_same_parameters(runs[0][0].model, runs[1][0].model)
     assert np.array_equal(runs[0][1], runs[1][1])
-    for key, value in extra_state(runs[0][0]).items():
-        assert np.array_equal(value, extra_state(runs[1][0])[key])
+    for key, value in runs[0][0].extra_state().items():
+        assert np.array_equal(value, runs[1][0].extra_state()[key])
     assert not np.array_equal(runs[0][0].model.layers[0].weights, runs[2][0].model.layers[0].weights)
 
 
@@ -388,17 +389,17 @@ def test_extra_state_and_options_rebuild_a_learner_that_continues_identically(da
     options = {"rehearsal": {"replay_per_task": 9}, "ewc": {"ewc_lambda": 300.0, "fisher_samples": 20}}
     original = build(name, **options.get(name, {}))
     learn(original, data, [0, 1])
-    state = extra_state(original)
+    state = original.extra_state()
     assert set(state) == {"rehearsal": {"replay_images", "replay_labels"}, "joint": {"replay_images",
                           "replay_labels"}, "ewc": {f"{k}_{l}" for k in EWC.KEYS for l in range(2)}}.get(name, set())
     assert all(isinstance(v, np.ndarray) for v in state.values())
     rebuilt = type(original)(copy.deepcopy(original.model), original.config, seed=123, input_mean=0.5,
-                             input_std=0.25, **extra_options(original))
-    assert extra_options(rebuilt) == extra_options(original)
+                             input_std=0.25, **original.extra_options())
+    assert rebuilt.extra_options() == original.extra_options()
     rebuilt.rng.bit_generator.state = original.rng.bit_generator.state
     rebuilt.tasks_learned = original.tasks_learned
-    load_extra_state(rebuilt, state)
-    for key, value in extra_state(rebuilt).items():
+    rebuilt.load_extra_state(state)
+    for key, value in rebuilt.extra_state().items():
         assert np.array_equal(value, state[key]) and value.dtype == state[key].dtype
     for value in state.values():  # the learner copied the arrays
         value[...] = 0
@@ -408,11 +409,11 @@ def test_extra_state_and_options_rebuild_a_learner_that_continues_identically(da
 
 
 def test_extra_options_name_the_constructor_options():
-    assert extra_options(build("spacenet")) == {}
-    assert extra_options(build("rehearsal", replay_per_task=4)) == {"replay_per_task": 4}
-    assert extra_options(build("finetune", total_tasks=7)) == {"total_tasks": 7}
-    assert extra_options(build("joint")) == {"total_tasks": 3}
-    assert extra_options(build("ewc", ewc_lambda=2.5, fisher_samples=3)) == {
+    assert build("spacenet").extra_options() == {}
+    assert build("rehearsal", replay_per_task=4).extra_options() == {"replay_per_task": 4}
+    assert build("finetune", total_tasks=7).extra_options() == {"total_tasks": 7}
+    assert build("joint").extra_options() == {"total_tasks": 3}
+    assert build("ewc", ewc_lambda=2.5, fisher_samples=3).extra_options() == {
         "total_tasks": 3, "ewc_lambda": 2.5, "fisher_samples": 3}
     assert [METHODS[n].name for n in METHODS] == list(METHODS)
     assert issubclass(SpaceNetRehearsal, METHODS["spacenet"]) and issubclass(Joint, FineTune)
@@ -434,7 +435,26 @@ def test_load_extra_state_refuses_state_of_another_network(data):
     with pytest.raises(ValueError, match="no extra state"):
         build("finetune").load_extra_state({"x": np.zeros(1)})
     with pytest.raises(ValueError, match="no extra state"):
-        load_extra_state(build("spacenet"), {"x": np.zeros(1)})
+        build("spacenet").load_extra_state({"x": np.zeros(1)})
+
+
+@pytest.mark.parametrize("name", ["joint", "rehearsal"])
+def test_on_batch_counts_the_batches_of_the_replayed_training_set(data, name):
+    learner = build(name)
+    for t in range(3):
+        calls = []
+        learner.learn(*data[t], TASKS[t], on_batch=lambda *args: calls.append(args[:3]))
+        n = sum(data[s][1].size for s in range(t + 1))
+        n_batches = -(-n // learner.config.batch_size)
+        assert calls == [(epoch, b, n_batches) for epoch in range(learner.config.epochs) for b in range(n_batches)]
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_static_methods_need_no_neuron_counts(name):
+    cfg = config(selected_neurons=(), reserved_neurons=(99,))
+    assert build(name, cfg=cfg).model.layers[0].nnz == 0
+    with pytest.raises(ValueError, match="selected_neurons"):
+        build("spacenet", cfg=cfg)
 
 
 @pytest.mark.parametrize("name, options, word", [

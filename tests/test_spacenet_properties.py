@@ -253,7 +253,7 @@ def test_drop_removes_exactly_the_least_important_connections(setup):
     images, labels = data[1]
     state = sn.allocate(np.asarray(setup.task_classes(1)))
     sn.set_aside_old_heads(state.task)
-    sn._refresh_trainable(state)
+    sn.refresh_trainable(state)
     sn.train_epoch(state, images, labels, 0)
     ratio = setup.config.rewire_ratio
     for layer in sn.model.layers[:-1]:
