@@ -145,23 +145,29 @@ def _sgd_step_with_importance(connections, grad, lr, weights, importance):
         weights[k] -= step
 
 
-def _gather_standardize(images, sample_ids, scale, shift, out):
-    """``out[f, b] = images[sample_ids[b], f] * scale + shift``: a uint8 batch to float32, neuron-major.
+def _transpose_lookup(rows, lut, out):
+    """``out[f, b] = lut[rows[b, f]]``: a uint8 batch to float32 through a 256-entry table, transposed.
 
-    images (n, n_features) uint8, sample_ids (batch,), out (n_features, batch) float32. Threads split the
-    features, so each writes whole output rows.
+    rows (batch, n_features) uint8, lut (256,) float32, out (n_features, batch) float32. Works on 32 x 32 tiles
+    so that reads and writes both stay in cache; threads split the features.
     """
-    for f in prange(images.shape[1]):
-        row = out[f]
-        for b in range(sample_ids.shape[0]):
-            row[b] = images[sample_ids[b], f] * scale + shift
+    batch, n_features = rows.shape
+    tile = 32
+    for t in prange((n_features + tile - 1) // tile):
+        f0 = t * tile
+        f1 = min(f0 + tile, n_features)
+        for b0 in range(0, batch, tile):
+            for b in range(b0, min(b0 + tile, batch)):
+                row = rows[b]
+                for f in range(f0, f1):
+                    out[f, b] = lut[row[f]]
 
 
 csr_forward = _build(_csr_forward)
 csc_backward_input = _build(_csc_backward_input)
 sampled_weight_grad = _build(_sampled_weight_grad)
 sgd_step_with_importance = _build(_sgd_step_with_importance)
-gather_standardize = _build(_gather_standardize)
+transpose_lookup = _build(_transpose_lookup)
 
 
 def segment_sum(values, segment_ids, n_segments):

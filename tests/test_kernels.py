@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spacenet_np import kernels
+from spacenet_np.network import standardize_batch
 from spacenet_np.layers import NeuronIndex, SparseLinear
 
 BUILDS = [pytest.param(0, id="serial"), pytest.param(1, id="parallel")]
@@ -229,24 +230,31 @@ def test_sgd_step_with_importance_only_listed_connections(build, nnz, fraction, 
     assert np.array_equal(importance[others].view(np.uint32), i0[others].view(np.uint32))
 
 
-# ----- gather_standardize -----
+# ----- transpose_lookup (batch standardization) -----
 @pytest.mark.parametrize("build", BUILDS)
 @SETTINGS
 @given(n=st.integers(1, 50), n_features=st.integers(1, 70), batch=st.integers(1, 40),
        mean=st.floats(-1.0, 1.0), std=st.floats(0.05, 5.0), seed=seeds)
-def test_gather_standardize(build, n, n_features, batch, mean, std, seed):
+def test_transpose_lookup_standardizes(build, n, n_features, batch, mean, std, seed):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, n_features), dtype=np.uint8)
     images[0, 0], images[-1, -1] = 0, 255
     sample_ids = rng.integers(0, n, size=batch).astype(np.int64)  # repeats allowed
-    scale = np.float32(1.0 / (255.0 * std))
-    shift = np.float32(-mean / std)
+    lut = ((np.arange(256) / 255.0 - mean) / std).astype(np.float32)
     out = np.full((n_features, batch), np.nan, dtype=np.float32)
 
-    kernels.gather_standardize[build](images, sample_ids, scale, shift, out)
+    kernels.transpose_lookup[build](images[sample_ids], lut, out)
 
     expected = (images[sample_ids].T.astype(np.float64) / 255.0 - mean) / std
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * (1.0 + abs(mean) / std))
+
+
+def test_standardize_batch_matches_the_formula():
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(300, 784), dtype=np.uint8)
+    ids = rng.permutation(300)[:128]
+    out = standardize_batch(images, ids, 0.1307, 0.3081)
+    np.testing.assert_allclose(out, (images[ids].T / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
 
 
 # ----- segment_sum -----
@@ -275,7 +283,7 @@ def test_segment_sum_of_nothing_is_float64_zeros():
 # ----- pick and thread-count independence -----
 def test_pick_chooses_serial_below_threshold_and_parallel_above():
     for pair in (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
-                 kernels.sgd_step_with_importance, kernels.gather_standardize):
+                 kernels.sgd_step_with_importance, kernels.transpose_lookup):
         assert pair[0] is not pair[1]
         assert kernels.pick(pair, 0) is pair[0]
         assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK - 1) is pair[0]
