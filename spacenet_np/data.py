@@ -1,33 +1,53 @@
-"""Readers for the canonical MNIST-style IDX files, with checked downloads.
+"""Readers for the canonical MNIST-style IDX files and CIFAR-10/100 python pickles, with checked downloads.
 
-A dataset lives in ``<data root>/<dataset>/`` as the four canonical gzipped IDX files. The data root is
-chosen by :func:`resolve_data_root`; missing files are downloaded from the mirrors in :data:`MIRRORS`
-and checked against :data:`SHA256` before they are moved into place.
+An IDX dataset lives in ``<data root>/<dataset>/`` as the four canonical gzipped IDX files. CIFAR-10 and
+CIFAR-100 live in ``<data root>/`` as their canonical extracted folders (``cifar-10-batches-py/``,
+``cifar-100-python/``); when a folder is missing, its canonical ``.tar.gz`` archive in the data root is
+extracted safely (downloaded first if it is missing too). The data root is chosen by
+:func:`resolve_data_root`; missing files are downloaded from the mirrors in :data:`MIRRORS` and checked
+against :data:`SHA256` before they are moved into place.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import itertools
 import logging
 import math
 import os
+import pickle
+import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 __all__ = [
+    "CIFAR",
+    "CIFAR10",
+    "CIFAR100",
+    "CIFAR_COUNTS",
+    "CifarLayout",
     "DataError",
     "FILES",
     "MIRRORS",
     "SHA256",
+    "cifar_folder",
+    "extract_archive",
     "fetch",
+    "load_cifar",
+    "load_cifar_label_names",
     "load_mnist_like",
+    "read_cifar_batch",
+    "read_cifar_pickle",
     "read_idx",
     "resolve_data_root",
     "verify_checksums",
@@ -43,6 +63,11 @@ TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
 TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
 FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 
+CIFAR10 = "cifar-10"
+CIFAR100 = "cifar-100"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
+
 # sha256 of each published .gz file (see /work/shared/data/README.md).
 SHA256: dict[str, dict[str, str]] = {
     "mnist": {
@@ -57,6 +82,9 @@ SHA256: dict[str, dict[str, str]] = {
         TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
         TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
     },
+    # The canonical archives of https://www.cs.toronto.edu/~kriz/cifar.html (kept in the data root itself).
+    CIFAR10: {CIFAR10_ARCHIVE: "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
+    CIFAR100: {CIFAR100_ARCHIVE: "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"},
 }
 
 # Base URLs tried in order; each ends with "/" and the file name is appended. Module-level so that
@@ -69,7 +97,65 @@ MIRRORS: dict[str, list[str]] = {
     "fashion-mnist": [
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     ],
+    CIFAR10: ["https://www.cs.toronto.edu/~kriz/"],
+    CIFAR100: ["https://www.cs.toronto.edu/~kriz/"],
 }
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where the files of a CIFAR dataset are and which pickle keys they use.
+
+    ``archive`` (in the data root) extracts to the folder ``folder`` (in the data root), which holds the
+    pickled ``train_files``, ``test_files`` and ``meta_file``. Each batch is a dict with ``b"data"`` (uint8
+    ``(n, 3072)``) and ``label_key`` (ints in ``0..n_classes - 1``); the meta file has ``label_names_key``.
+    ``needed_for`` names what needs the dataset, for the missing-data message.
+    """
+
+    archive: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: bytes
+    label_names_key: bytes
+    n_classes: int
+    needed_for: str
+
+
+CIFAR: dict[str, CifarLayout] = {
+    CIFAR10: CifarLayout(
+        archive=CIFAR10_ARCHIVE,
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key=b"labels",
+        label_names_key=b"label_names",
+        n_classes=10,
+        needed_for="the split_cifar10 and cifar10_100 streams",
+    ),
+    CIFAR100: CifarLayout(
+        archive=CIFAR100_ARCHIVE,
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key=b"fine_labels",
+        label_names_key=b"fine_label_names",
+        n_classes=100,
+        needed_for="the cifar10_100 stream",
+    ),
+}
+
+# Images in each CIFAR batch file. Module-level so that tests can use tiny files.
+CIFAR_COUNTS: dict[str, dict[str, int]] = {
+    CIFAR10: {**{f"data_batch_{i}": 10000 for i in range(1, 6)}, "test_batch": 10000},
+    CIFAR100: {"train": 50000, "test": 10000},
+}
+
+CIFAR_IMAGE_SHAPE = (3, 32, 32)  # channel-major rows: 1024 red, 1024 green, 1024 blue values, each row-major
+CIFAR_ROW_BYTES = math.prod(CIFAR_IMAGE_SHAPE)
 
 IMAGE_SIDE = 28
 N_CLASSES = 10
@@ -99,10 +185,21 @@ def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return Path.cwd() / "data"
 
 
-def _check_dataset(dataset: str) -> None:
-    """Raise ValueError unless ``dataset`` is in the registry."""
-    if dataset not in SHA256:
-        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(SHA256))}")
+def _check_dataset(dataset: str, known: Iterable[str] | None = None) -> None:
+    """Raise ValueError unless ``dataset`` is in ``known`` (default: the whole registry)."""
+    known = SHA256 if known is None else known
+    if dataset not in known:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(known))}")
+
+
+def _idx_datasets() -> list[str]:
+    """The registered datasets stored as IDX files (not CIFAR)."""
+    return [name for name in SHA256 if name not in CIFAR]
+
+
+def _registry_path(root: Path, dataset: str, filename: str) -> Path:
+    """Where a registered file lives: a CIFAR archive in the data root, IDX files in ``root/dataset/``."""
+    return root / filename if dataset in CIFAR else root / dataset / filename
 
 
 def _gunzip_pieces(path: Path):
@@ -238,26 +335,45 @@ def _download_to(url: str, target: Path, expected_sha256: str) -> None:
         raise
 
 
+def _check_sha256(path: Path, expected: str) -> None:
+    """Raise DataError, naming ``path``, unless the file's sha256 is ``expected``."""
+    actual = _sha256_of_file(path)
+    if actual != expected:
+        raise DataError(f"{path}: sha256 mismatch: expected {expected}, got {actual}")
+
+
 def _missing_file_message(dataset: str, filename: str, target: Path, tried: list[str]) -> str:
     """Explain which file is missing, where to put it and how to choose another data folder."""
-    lines = [
-        f"{dataset} file {filename!r} is missing and could not be downloaded.",
-        f"Put it at: {target}",
-    ]
+    if dataset in CIFAR:
+        layout = CIFAR[dataset]
+        root = target.parent
+        lines = [
+            f"{dataset} is missing: the data folder {root} holds neither the extracted folder "
+            f"{layout.folder}/ nor the archive {filename!r}, and the archive could not be downloaded.",
+            f"Put the extracted folder there directly: {root / layout.folder}/ "
+            f"(for example extracted with `tar -xf <archive> -C {root}`), or the archive at: {target}",
+            f"{dataset} is needed for {layout.needed_for}.",
+        ]
+    else:
+        lines = [
+            f"{dataset} file {filename!r} is missing and could not be downloaded.",
+            f"Put it at: {target}",
+        ]
     lines += [f"  tried {url}: {reason}" for url, reason in tried]
     lines.append(f"Use --data-dir or the {DATA_ENV_VAR} environment variable to select another data folder.")
     return "\n".join(lines)
 
 
 def fetch(root: str | os.PathLike, dataset: str, filename: str) -> Path:
-    """The path of ``root/dataset/filename``, downloading it from the mirrors first if it is missing.
+    """The path of ``root/dataset/filename`` (``root/filename`` for a CIFAR archive), downloading it from the
+    mirrors first if it is missing.
 
     An existing file is returned as is (not re-hashed; see :func:`verify_checksums`). A download is checked
     against :data:`SHA256` (DataError on mismatch). If every mirror fails with a network error, raises
     FileNotFoundError saying where the file should be put.
     """
     _check_dataset(dataset)
-    target = Path(root) / dataset / filename
+    target = _registry_path(Path(root), dataset, filename)
     if target.exists():
         return target
     expected_sha256 = SHA256[dataset][filename]
@@ -276,20 +392,19 @@ def fetch(root: str | os.PathLike, dataset: str, filename: str) -> Path:
 
 
 def verify_checksums(dataset: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Hash the four files of ``dataset`` already on disk; DataError on a mismatch, naming the file.
+    """Hash the registered files of ``dataset`` already on disk (the four IDX files, or a CIFAR archive);
+    DataError on a mismatch, naming the file.
 
     Returns the verified paths. Missing files raise FileNotFoundError (nothing is downloaded).
     """
     _check_dataset(dataset)
-    folder = resolve_data_root(data_dir) / dataset
+    root = resolve_data_root(data_dir)
     verified = []
     for filename, expected in SHA256[dataset].items():
-        path = folder / filename
+        path = _registry_path(root, dataset, filename)
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; cannot verify its checksum")
-        actual = _sha256_of_file(path)
-        if actual != expected:
-            raise DataError(f"{path}: sha256 mismatch: expected {expected}, got {actual}")
+        _check_sha256(path, expected)
         verified.append(path)
     return verified
 
@@ -333,9 +448,329 @@ def load_mnist_like(
     consecutive classes is a slice (a view, no copy). Missing files are downloaded into the data root (see
     :func:`fetch`).
     """
-    _check_dataset(dataset)
+    _check_dataset(dataset, _idx_datasets())
     root = resolve_data_root(data_dir)
     paths = {filename: fetch(root, dataset, filename) for filename in FILES}
     x_train, y_train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], group_by_label)
     x_test, y_test = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS], group_by_label)
     return x_train, y_train, x_test, y_test
+
+
+# --- CIFAR-10 / CIFAR-100 -------------------------------------------------------------------------
+
+try:  # NumPy >= 2 names the module numpy._core; both names occur in the pickles
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+# The only globals a CIFAR pickle may name: what NumPy needs to rebuild an array. Resolved here rather than
+# imported by name at load time, so a pickle cannot even trigger an import.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+# What a corrupt or truncated pickle can raise while loading.
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+    OverflowError, UnicodeDecodeError, RecursionError,
+)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only NumPy's array-rebuilding globals and refuses every other one.
+
+    A pickle can call any global it names; CIFAR pickles need only :data:`_PICKLE_GLOBALS` (plain dicts,
+    lists, bytes and ints need none), so anything else (``os.system``, ``builtins.eval``, ...) is refused
+    before it is imported or called. Persistent ids are refused by the base class.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self.path}: the pickle refers to the global {module}.{name}, which a CIFAR file never "
+                "needs; refusing to load it"
+            ) from None
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict:
+    """Load the pickled dict of a CIFAR batch or meta file with the restricted unpickler.
+
+    Keys stay bytes (``pickle.load(f, encoding="bytes")``). Raises DataError, naming the file, for a forbidden
+    global, a truncated or corrupt pickle, trailing bytes after it, or a top-level object that is not a dict.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        try:
+            obj = _RestrictedUnpickler(f, path).load()
+        except DataError:
+            raise
+        except _PICKLE_ERRORS as err:
+            raise DataError(
+                f"{path}: not a valid pickle; truncated or corrupt ({type(err).__name__}: {err})"
+            ) from err
+        if f.read(1):
+            raise DataError(f"{path}: unexpected bytes after the end of the pickle")
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+    return obj
+
+
+def _cifar_labels(path: Path, raw, label_key: bytes, n_classes: int) -> np.ndarray:
+    """The labels ``raw`` (a list or 1-d array of ints) as a new int64 array; DataError if out of range."""
+    if isinstance(raw, list):
+        if not all(type(value) is int for value in raw):
+            raise DataError(f"{path}: {label_key!r} must hold only ints")
+        try:
+            labels = np.array(raw, dtype=np.int64)
+        except OverflowError as err:
+            raise DataError(f"{path}: {label_key!r} holds an int outside 0..{n_classes - 1}") from err
+    elif type(raw) is np.ndarray and raw.ndim == 1 and raw.dtype.kind in "iu":
+        if raw.size and raw.max() >= n_classes:  # before the cast, which could wrap huge unsigned values
+            raise DataError(f"{path}: label {raw.max()} in {label_key!r} is outside 0..{n_classes - 1}")
+        labels = raw.astype(np.int64)
+    else:
+        raise DataError(
+            f"{path}: {label_key!r} must be a list or 1-d array of ints, got {type(raw).__name__}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = labels[(labels < 0) | (labels >= n_classes)][0]
+        raise DataError(f"{path}: label {bad} in {label_key!r} is outside 0..{n_classes - 1}")
+    return labels
+
+
+def read_cifar_batch(
+    path: str | os.PathLike,
+    label_key: bytes = b"labels",
+    n_classes: int = 10,
+    expected_count: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR batch file: images uint8 ``(n, 3072)`` (1024 red, 1024 green, 1024 blue values, each
+    plane row-major) and labels int64 ``(n,)`` from ``label_key`` (``b"labels"`` for CIFAR-10,
+    ``b"fine_labels"`` for CIFAR-100).
+
+    Raises DataError, naming the file, unless ``b"data"`` is a uint8 array of shape ``(n, 3072)``, the labels
+    are ``n`` ints in ``0..n_classes - 1``, and ``n == expected_count`` (when given).
+    """
+    path = Path(path)
+    batch = read_cifar_pickle(path)
+    for key in (b"data", label_key):
+        if key not in batch:
+            found = ", ".join(repr(k) for k in batch)
+            raise DataError(f"{path}: the key {key!r} is missing (keys: {found or 'none'})")
+    images = batch.pop(b"data")
+    if type(images) is not np.ndarray or images.dtype != np.uint8 or images.ndim != 2 \
+            or images.shape[1] != CIFAR_ROW_BYTES:
+        described = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
+            else type(images).__name__
+        raise DataError(
+            f"{path}: b'data' must be a uint8 array of shape (n, {CIFAR_ROW_BYTES}), got {described}"
+        )
+    labels = _cifar_labels(path, batch[label_key], label_key, n_classes)
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels in {label_key!r}")
+    if expected_count is not None and len(images) != expected_count:
+        raise DataError(f"{path}: {len(images)} images; the canonical file has {expected_count}")
+    return np.ascontiguousarray(images), labels
+
+
+def _cifar_layout(dataset: str) -> CifarLayout:
+    """The layout of a CIFAR dataset; ValueError listing the CIFAR datasets otherwise."""
+    _check_dataset(dataset, CIFAR)
+    return CIFAR[dataset]
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo, folder: str) -> None:
+    """Raise DataError, naming the archive and member, unless ``member`` is a plain file or folder at a
+    relative path inside ``folder/`` without ``..`` components."""
+    name = member.name
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+        raise DataError(f"{archive}: refusing member {name!r} with an absolute path")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise DataError(f"{archive}: refusing member {name!r} with a '..' component")
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if member.issym() or member.islnk() else "device or special file"
+        raise DataError(f"{archive}: refusing member {name!r}: a {kind}, not a plain file or folder")
+    parts = [part for part in posix.parts if part != "."]
+    if not parts or parts[0] != folder:
+        raise DataError(f"{archive}: refusing member {name!r} outside the folder {folder}/")
+
+
+def extract_archive(archive: str | os.PathLike, root: str | os.PathLike, folder: str,
+                    required: Iterable[str] = ()) -> Path:
+    """Safely extract the ``.tar.gz`` ``archive`` whose members all lie in ``folder/`` into ``root/folder``.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components, links, devices
+    and members outside ``folder/`` are refused with DataError (and tarfile's ``"data"`` filter is applied too
+    where available). The archive is extracted into a temporary folder inside ``root``, checked to hold the
+    ``required`` files, then renamed into place atomically; nothing is left behind on failure.
+    """
+    archive, root = Path(archive), Path(root)
+    target = root / folder
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(archive, member, folder)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}.", suffix=".extracting"))
+            try:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, members=members, filter="data")
+                else:  # pragma: no cover - Python without extraction filters; members were checked above
+                    tar.extractall(tmp, members=members)
+                extracted = tmp / folder
+                missing = [name for name in required if not (extracted / name).is_file()]
+                if missing:
+                    lacking = ", ".join(f"{folder}/{name}" for name in missing)
+                    raise DataError(f"{archive}: the archive lacks {lacking}")
+                try:
+                    os.rename(extracted, target)
+                except OSError:
+                    if not target.is_dir():  # not a concurrent extraction that won the race
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{archive}: not a valid .tar.gz archive ({type(err).__name__}: {err})") from err
+    return target
+
+
+def cifar_folder(dataset: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The extracted folder of ``"cifar-10"`` or ``"cifar-100"`` in the data root.
+
+    An existing folder is used as is. Otherwise the canonical archive in the data root is sha256-checked (or
+    downloaded and checked, see :func:`fetch`) and extracted with :func:`extract_archive`. With neither on
+    disk and no network, raises FileNotFoundError saying which dataset is missing and where to put it.
+    """
+    layout = _cifar_layout(dataset)
+    root = resolve_data_root(data_dir)
+    folder = root / layout.folder
+    if folder.is_dir():
+        return folder
+    archive = root / layout.archive
+    if archive.exists():
+        expected, actual = SHA256[dataset][layout.archive], _sha256_of_file(archive)
+        if actual != expected:
+            raise DataError(
+                f"{archive}: sha256 mismatch: expected {expected}, got {actual}; not extracting it. "
+                f"Replace it with the canonical archive, or put the extracted folder {layout.folder}/ "
+                f"in {root}"
+            )
+    else:
+        fetch(root, dataset, layout.archive)
+    log.info("extracting %s into %s", archive, folder)
+    required = (*layout.train_files, *layout.test_files, layout.meta_file)
+    return extract_archive(archive, root, layout.folder, required)
+
+
+def _gather_rows_in_place(rows: np.ndarray, order: np.ndarray) -> None:
+    """``rows[:] = rows[order]`` for a permutation ``order``, following its cycles with one spare row instead
+    of a second copy of the array."""
+    order_list = order.tolist()
+    done = bytearray(len(order_list))
+    spare = np.empty(rows.shape[1:], dtype=rows.dtype)
+    for start, source in enumerate(order_list):
+        if done[start] or source == start:
+            continue
+        spare[...] = rows[start]
+        i = start
+        while True:
+            done[i] = 1
+            j = order_list[i]
+            if j == start:
+                rows[i] = spare
+                break
+            rows[i] = rows[j]
+            i = j
+
+
+def _load_cifar_split(dataset: str, folder: Path, files: tuple[str, ...], group_by_label: bool,
+                      classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read the batch ``files`` of a split: read-only images ``(n, 3072)`` uint8 and labels ``(n,)`` int64."""
+    layout = CIFAR[dataset]
+    paths = [folder / name for name in files]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing from the {dataset} folder {folder}/; put the canonical file there "
+                f"or remove the folder so that {layout.archive} is extracted again"
+            )
+    counts = [CIFAR_COUNTS[dataset][name] for name in files]
+    if len(paths) == 1:
+        images, labels = read_cifar_batch(paths[0], layout.label_key, layout.n_classes, counts[0])
+    else:  # fill one array batch by batch: never more than one batch beyond the result
+        images = np.empty((sum(counts), CIFAR_ROW_BYTES), dtype=np.uint8)
+        labels = np.empty(sum(counts), dtype=np.int64)
+        start = 0
+        for path, count in zip(paths, counts):
+            batch_images, batch_labels = read_cifar_batch(path, layout.label_key, layout.n_classes, count)
+            images[start:start + count], labels[start:start + count] = batch_images, batch_labels
+            del batch_images, batch_labels
+            start += count
+    if classes is not None:
+        keep = np.flatnonzero(np.isin(labels, classes))
+        if group_by_label:
+            keep = keep[np.argsort(labels[keep], kind="stable")]
+        images, labels = images[keep], labels[keep]
+    elif group_by_label:
+        order = np.argsort(labels, kind="stable")
+        _gather_rows_in_place(images, order)
+        labels = labels[order]
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_cifar(
+    dataset: str,
+    data_dir: str | os.PathLike | None = None,
+    group_by_label: bool = False,
+    classes: Iterable[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Load ``"cifar-10"`` or ``"cifar-100"`` (fine labels) as ``(x_train, y_train, x_test, y_test)``.
+
+    Images are uint8 ``(n, 3072)`` in the canonical channel-major layout (1024 red, 1024 green, 1024 blue
+    values, each a row-major 32x32 plane; reshape to ``(n, 3, 32, 32)``), labels int64 ``(n,)`` with the
+    dataset's own labels; all four are read-only. ``classes`` keeps only the samples of those labels. With
+    ``group_by_label`` each split is stably sorted by label, so that a subset of consecutive classes is a
+    slice (a view). The data comes from :func:`cifar_folder` (extracting or downloading the archive if
+    needed).
+    """
+    layout = _cifar_layout(dataset)
+    keep = None
+    if classes is not None:
+        keep = np.unique(np.fromiter(classes, dtype=np.int64))
+        if keep.size and (keep[0] < 0 or keep[-1] >= layout.n_classes):
+            raise ValueError(f"classes for {dataset} must lie in 0..{layout.n_classes - 1}")
+    folder = cifar_folder(dataset, data_dir)
+    x_train, y_train = _load_cifar_split(dataset, folder, layout.train_files, group_by_label, keep)
+    x_test, y_test = _load_cifar_split(dataset, folder, layout.test_files, group_by_label, keep)
+    return x_train, y_train, x_test, y_test
+
+
+def load_cifar_label_names(dataset: str, data_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """The class names of ``"cifar-10"`` (``b"label_names"`` of ``batches.meta``) or ``"cifar-100"``
+    (``b"fine_label_names"`` of ``meta``), indexed by label."""
+    layout = _cifar_layout(dataset)
+    path = cifar_folder(dataset, data_dir) / layout.meta_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the {dataset} folder")
+    names = read_cifar_pickle(path).get(layout.label_names_key)
+    if not isinstance(names, list) or len(names) != layout.n_classes \
+            or not all(isinstance(name, bytes) for name in names):
+        raise DataError(
+            f"{path}: {layout.label_names_key!r} must be a list of {layout.n_classes} byte strings"
+        )
+    try:
+        return tuple(name.decode("utf-8") for name in names)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: a class name is not valid UTF-8") from err

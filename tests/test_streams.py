@@ -117,7 +117,7 @@ def test_standardize(tiny_root):
 
 def test_get_stream(tiny_root):
     root, _ = tiny_root
-    assert set(STREAMS) == {"split_mnist", "split_fashion_mnist"}
+    assert {"split_mnist", "split_fashion_mnist", "split_cifar10", "cifar10_100"} <= set(STREAMS)
     assert get_stream("split_mnist", root).name == "split_mnist"
 
 
