@@ -10,17 +10,26 @@ because starting threads costs more than small products (an output layer with 80
 Each kernel writes every output element from one thread in a fixed order, so results do not depend on the number
 of threads.
 """
+import types
+
 import numba
 import numpy as np
 from numba import prange
 
-PARALLEL_MIN_WORK = 1 << 16  # multiply-adds below which the serial build is faster (measured, benchmarks/)
+PARALLEL_MIN_WORK = 1 << 23  # multiply-adds below which the serial build is faster on 2 cores (benchmarks/)
 
 
 def _build(func):
-    """Compile ``func`` twice: serial and parallel (``prange`` runs as ``range`` in the serial build)."""
+    """Compile ``func`` twice: serial and parallel (``prange`` runs as ``range`` in the serial build).
+
+    The parallel build compiles a renamed twin of ``func``: Numba's on-disk cache is keyed by the function's
+    qualified name, not by ``parallel=``, so one name would let the two builds overwrite each other's cache.
+    """
     options = dict(fastmath=True, cache=True, nogil=True, boundscheck=False)
-    return numba.njit(parallel=False, **options)(func), numba.njit(parallel=True, **options)(func)
+    twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel", func.__defaults__,
+                              func.__closure__)
+    twin.__qualname__ = func.__qualname__ + "_parallel"
+    return numba.njit(parallel=False, **options)(func), numba.njit(parallel=True, **options)(twin)
 
 
 def pick(kernel_pair, work):
