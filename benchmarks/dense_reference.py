@@ -36,13 +36,13 @@ if __name__ == "__main__" and not __package__:  # run as a file: python benchmar
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from spacenet_np import metrics
 from spacenet_np.fileio import atomic_write_json
+from spacenet_np.spacenet import SpaceNetConfig
 from spacenet_np.streams import STREAMS, get_stream
 
 # Bytes per matrix entry: W, omega, mask (float32), occupied (bool), the gradient and a scratch buffer (float32) in
@@ -60,22 +60,6 @@ def estimate_peak_bytes(sizes, batch=128):
     activations = 4 * batch * sum(sizes) * 3 + 4 * 1000 * sum(sizes)  # training + 1000-sample evaluation batches
     return (BASE_PROCESS_BYTES + BYTES_PER_ENTRY_TRAINING * sum(entries) + BYTES_PER_ENTRY_REWIRING * max(entries)
             + activations)
-
-
-@dataclass
-class DenseConfig:
-    """The paper's split MNIST configuration (same defaults as spacenet_np's SpaceNetConfig)."""
-    connections_per_task: tuple = (10000, 1640, 80)
-    selected_neurons: tuple = (80, 80)
-    reserved_neurons: tuple = (40, 40)
-    rewire_ratio: float = 0.2
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 0.01
-    rewire: bool = True
-
-    def to_dict(self):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def softmax_cross_entropy(logits, labels):
@@ -98,7 +82,7 @@ class DenseSpaceNet:
 
     def __init__(self, sizes, config=None, seed=0, input_mean=0.0, input_std=1.0):
         self.sizes = [int(s) for s in sizes]
-        self.config = config or DenseConfig()
+        self.config = config or SpaceNetConfig()
         self.rng = np.random.default_rng(seed)
         self.scale = np.float32(1.0 / (255.0 * input_std))
         self.shift = np.float32(-input_mean / input_std)
@@ -297,7 +281,7 @@ class DenseSpaceNet:
 def default_config(hidden):
     """The paper's configuration for ``hidden`` layers (middle connection count repeated for deeper nets)."""
     n = len(hidden)
-    return DenseConfig(connections_per_task=tuple([10000] + [1640] * (n - 1) + [80]),
+    return SpaceNetConfig(connections_per_task=tuple([10000] + [1640] * (n - 1) + [80]),
                        selected_neurons=tuple([80] * n), reserved_neurons=tuple([40] * n))
 
 

@@ -157,12 +157,6 @@ class SparseLinear:
                               self.importance[keep])
         return removed
 
-    def occupied_keys(self, row_slots, col_slots):
-        """Flat keys ``row * n_in_slots + col`` of the connections inside the block ``row_slots x col_slots``."""
-        in_rows = np.isin(self.rows, row_slots)
-        in_block = in_rows & np.isin(self.indices, col_slots)
-        return self.rows[in_block].astype(np.int64) * self.in_index.n_slots + self.indices[in_block]
-
     def _set_connections(self, rows, cols, weights, owner, importance):
         """Rebuild the CSR (sorted by row, then column), its aligned arrays and the CSC view."""
         n_out, n_in = self.out_index.n_slots, self.in_index.n_slots

@@ -3,6 +3,8 @@
 All activations are neuron-major, ``(slots, batch)`` float32. Hidden layers use ReLU; the output layer gives
 logits over every class of the stream (one shared head).
 """
+import functools
+
 import numpy as np
 
 from . import kernels
@@ -162,6 +164,14 @@ class SparseMLP:
         return [layer.nnz for layer in self.layers]
 
 
+@functools.lru_cache(maxsize=8)
+def input_lookup(mean, std):
+    """The standardized value of every uint8 pixel, ``(p / 255 - mean) / std``. Returns (256,) float32 (read-only)."""
+    lut = ((np.arange(256) / 255.0 - mean) / std).astype(np.float32)
+    lut.flags.writeable = False
+    return lut
+
+
 def standardize_batch(images, sample_ids, mean, std, out=None):
     """A uint8 batch to the network's input layout.
 
@@ -170,7 +180,7 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
     """
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
-    lut = ((np.arange(256) / 255.0 - mean) / std).astype(np.float32)
+    lut = input_lookup(float(mean), float(std))
     rows = images[sample_ids]
     kernel = kernels.pick(kernels.transpose_lookup, images.shape[1] * sample_ids.shape[0])
     kernel(rows, lut, out)

@@ -130,10 +130,15 @@ def test_csc_backward_input_hand_built_view(build, shape, density, empty_rows, s
 
     kernels.csc_backward_input[build](col_ptr, col_order, rows, W.data, delta, activation, out)
 
+    assert_backward_close(out, W, delta, activation)
+    assert np.all(out[activation <= 0] == 0.0)
+
+
+def assert_backward_close(out, W, delta, activation):
+    """``out`` equals ``(W.T @ delta) * (activation > 0)`` within float32 tolerance scaled by the magnitudes."""
     expected = backward_reference(W, delta, activation)
     scale = 1.0 + np.abs(W.toarray().T).astype(np.float64) @ np.abs(delta)
     assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
-    assert np.all(out[activation <= 0] == 0.0)
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -153,9 +158,7 @@ def test_csc_backward_input_with_sparse_linear_view(build, shape, density, seed)
     kernels.csc_backward_input[build](layer.col_ptr, layer.col_order, layer.rows, layer.weights, delta,
                                       activation, out)
 
-    expected = backward_reference(W, delta, activation)
-    scale = 1.0 + np.abs(W.toarray().T).astype(np.float64) @ np.abs(delta)
-    assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
+    assert_backward_close(out, W, delta, activation)
 
 
 @pytest.mark.parametrize("build", BUILDS)
