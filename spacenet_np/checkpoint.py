@@ -3,13 +3,15 @@
 The file is an uncompressed ``.npz`` (a zip of ``.npy`` members, readable with ``np.load(allow_pickle=False)``):
 
 - ``meta``: a 0-d unicode array holding a JSON object: ``format`` (``"spacenet_np.checkpoint"``),
-  ``format_version`` (``FORMAT_VERSION``), ``kind`` (``"model"`` or ``"learner"``), ``model`` (``sizes`` and per
-  neuron layer ``width`` and ``dense``), ``input`` (``mean``, ``std``), ``learner`` (``method``, ``config``,
+  ``format_version`` (``FORMAT_VERSION``), ``kind`` (``"model"`` or ``"learner"``), ``model`` (``architecture``,
+  the network's ``spec()``, and per neuron layer ``width`` and ``dense``), ``input`` (``mean``, ``std``: numbers,
+  or lists of per-feature values), ``learner`` (``method``, ``config``,
   ``tasks_learned``, ``rng_state``, ``extra_options``, ``extra_state_keys``; null for a model), ``progress``
   (the caller's JSON object; null for a model), ``library_version`` and ``sha256``;
 - ``neurons.{i}.slot_ids`` int64, ``neurons.{i}.reserved_by`` int16, ``neurons.{i}.bias`` float32 per neuron layer;
 - ``layers.{l}.indptr``, ``layers.{l}.indices``, ``layers.{l}.data`` (the CSR of ``W``, rows and columns are
-  slots), ``layers.{l}.owner`` int16 and ``layers.{l}.importance`` float32 aligned with ``data``;
+  slots; a convolution's ``data`` holds 9 weights per kernel), ``layers.{l}.owner`` int16 and
+  ``layers.{l}.importance`` float32 aligned with the connections;
 - ``known_classes`` bool; ``extra.{key}`` for each array of a method's ``extra_state()``.
 
 The metadata's ``sha256`` covers the contents: the metadata (canonical JSON without the ``sha256`` field) and every
@@ -42,12 +44,12 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_write_bytes
-from .network import SparseMLP
+from .network import SparseNetwork, build_network
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
-from .strategy import predict
+from .strategy import input_statistics, predict
 
 FORMAT_NAME = "spacenet_np.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: architecture spec (MLP or CNN), per-feature input statistics
 
 DEFAULT_METHODS = {"spacenet": SpaceNet, "static": StaticSparseNN}
 
@@ -73,9 +75,9 @@ class Checkpoint:
     (``extra_options``/``extra_state`` empty).
     """
     path: Path
-    model: SparseMLP
-    input_mean: float
-    input_std: float
+    model: SparseNetwork
+    input_mean: object  # float, or (n_features,) float64 array
+    input_std: object
     method: str = None
     config: dict = None
     progress: dict = None
@@ -134,9 +136,7 @@ def save_learner(path, learner, progress=None):
 
 
 def _model_contents(model, input_mean, input_std):
-    input_mean, input_std = float(input_mean), float(input_std)
-    if not np.isfinite(input_mean) or not (np.isfinite(input_std) and input_std > 0):
-        raise ValueError(f"input_mean={input_mean} must be finite and input_std={input_std} positive and finite")
+    input_mean, input_std = input_statistics(input_mean, input_std, model.n_features)
     arrays = {}
     for i, neurons in enumerate(model.neurons):
         arrays[f"neurons.{i}.slot_ids"] = neurons.slot_ids
@@ -145,7 +145,7 @@ def _model_contents(model, input_mean, input_std):
     for l, layer in enumerate(model.layers):
         arrays[f"layers.{l}.indptr"] = layer.W.indptr
         arrays[f"layers.{l}.indices"] = layer.W.indices
-        arrays[f"layers.{l}.data"] = layer.W.data
+        arrays[f"layers.{l}.data"] = layer.weights.reshape(-1)
         arrays[f"layers.{l}.owner"] = layer.owner
         arrays[f"layers.{l}.importance"] = layer.importance
     arrays["known_classes"] = model.known_classes
@@ -154,9 +154,9 @@ def _model_contents(model, input_mean, input_std):
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "model": {"sizes": [int(s) for s in model.sizes],
+        "model": {"architecture": model.spec(),
                   "neurons": [{"width": int(n.width), "dense": bool(n.dense)} for n in model.neurons]},
-        "input": {"mean": input_mean, "std": input_std},
+        "input": {"mean": _to_json_value(input_mean, "input_mean"), "std": _to_json_value(input_std, "input_std")},
     }
     return meta, arrays
 
@@ -319,8 +319,9 @@ def _checkpoint_from(path, meta, arrays):
         if set(arrays) != expected:
             raise ValueError(f"unexpected entries {sorted(set(arrays) - expected)[:8]}, missing entries "
                              f"{sorted(expected - set(arrays))[:8]}")
-        ckpt = Checkpoint(path=path, model=model, input_mean=float(meta["input"]["mean"]),
-                          input_std=float(meta["input"]["std"]), format_version=meta["format_version"])
+        input_mean, input_std = input_statistics(meta["input"]["mean"], meta["input"]["std"], model.n_features)
+        ckpt = Checkpoint(path=path, model=model, input_mean=input_mean, input_std=input_std,
+                          format_version=meta["format_version"])
         if learner is not None:
             ckpt.method = str(learner["method"])
             ckpt.config = dict(learner["config"])
@@ -350,14 +351,10 @@ def _array(arrays, name, dtype, length=None):
 
 
 def _model_from(spec, arrays):
-    """A ``SparseMLP`` holding the saved neuron indices and connections, in the saved connection order."""
-    sizes = [int(s) for s in spec["sizes"]]
-    if len(sizes) < 2:
-        raise ValueError(f"a model needs at least 2 layer sizes, got {sizes}")
-    model = SparseMLP(sizes[0], sizes[1:-1], sizes[-1])
-    if [n["width"] for n in spec["neurons"]] != sizes or [bool(n["dense"]) for n in spec["neurons"]] != [
-            n.dense for n in model.neurons]:
-        raise ValueError(f"neuron layers {spec['neurons']} do not match the layer sizes {sizes}")
+    """A network holding the saved neuron indices and connections, in the saved connection order."""
+    model = build_network(spec["architecture"])
+    if [(n["width"], bool(n["dense"])) for n in spec["neurons"]] != [(n.width, n.dense) for n in model.neurons]:
+        raise ValueError(f"neuron layers {spec['neurons']} do not match the architecture {spec['architecture']}")
     for i, neurons in enumerate(model.neurons):
         slot_ids = _array(arrays, f"neurons.{i}.slot_ids", np.int64)
         n = slot_ids.shape[0]
@@ -374,9 +371,9 @@ def _model_from(spec, arrays):
     for l, layer in enumerate(model.layers):
         n_out, n_in = layer.out_index.n_slots, layer.in_index.n_slots
         indptr = _array(arrays, f"layers.{l}.indptr", np.int64, n_out + 1)
-        data = _array(arrays, f"layers.{l}.data", np.float32)
-        nnz = data.shape[0]
-        indices = _array(arrays, f"layers.{l}.indices", np.int64, nnz)
+        indices = _array(arrays, f"layers.{l}.indices", np.int64)
+        nnz = indices.shape[0]
+        data = _array(arrays, f"layers.{l}.data", np.float32, nnz * layer.taps).reshape(layer.weight_shape(nnz))
         owner = _array(arrays, f"layers.{l}.owner", np.int16, nnz)
         importance = _array(arrays, f"layers.{l}.importance", np.float32, nnz)
         if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
@@ -389,7 +386,7 @@ def _model_from(spec, arrays):
         layer._set_connections(rows, indices, data, owner, importance)  # sorted input: the order is kept
         if not (np.array_equal(layer.indices, indices) and np.array_equal(layer.weights, data)):
             raise ValueError(f"layer {l}: the connection order changed while rebuilding")  # guard, never expected
-    model.known_classes = _array(arrays, "known_classes", np.bool_, sizes[-1])
+    model.known_classes = _array(arrays, "known_classes", np.bool_, model.n_classes)
     return model
 
 

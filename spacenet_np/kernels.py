@@ -182,3 +182,269 @@ transpose_lookup = _build(_transpose_lookup)
 def segment_sum(values, segment_ids, n_segments):
     """Sum of ``values`` per segment id: ``out[s] = values[segment_ids == s].sum()``. Returns (n_segments,) float64."""
     return np.bincount(segment_ids, weights=values, minlength=n_segments).astype(np.float64, copy=False)
+
+
+# ----- convolution (3 x 3, stride 1, zero padding 1) -----
+# Feature maps are stored (channels, height, width, batch), C-contiguous: every pixel of a map is a contiguous row
+# of ``batch`` floats and a map row is a contiguous (width * batch,) vector: a kernel row is three shifted
+# multiply-adds over whole map rows, and flattening the last maps for the fully connected layers is a free
+# reshape. A kernel's nine weights are stored row-major over (dy, dx) in {-1, 0, 1}^2.
+
+
+_FAST = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
+
+
+@numba.njit(**_FAST)
+def _add3(acc, u0, u1, u2, m0, m1, m2, d0, d1, d2, a0, a1, a2, b0, b1, b2, c0, c1, c2):
+    """``acc += a0 u0 + a1 u1 + a2 u2 + b0 m0 + ... + c2 d2`` over equal-length vectors.
+
+    Every index is the loop variable itself: shifted operands are passed as shifted views, because a computed
+    index such as ``i - batch`` makes Numba check for negative indices, which stops vectorization (4-10x).
+    """
+    for j in range(acc.shape[0]):
+        acc[j] += (a0 * u0[j] + a1 * u1[j] + a2 * u2[j] + b0 * m0[j] + b1 * m1[j] + b2 * m2[j]
+                   + c0 * d0[j] + c1 * d1[j] + c2 * d2[j])
+
+
+@numba.njit(**_FAST)
+def _row_taps(acc, up, mid, down, w, flip, has_up, has_down, batch):
+    """``acc[x] += sum_{dy, dx} w[3 (dy + 1) + dx + 1] * row_dy[x + dx]`` over map rows flattened to
+    (width * batch,), with zero padding at both ends of the row. ``up``/``mid``/``down`` are the rows for
+    dy = -1, 0, 1; a row outside the map (``has_up``/``has_down`` False) may be any row, its weights count as 0.
+    With ``flip`` the kernel is rotated by 180 degrees (the transposed convolution). w (9,)."""
+    if flip:
+        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[8], w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]
+    else:
+        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    zero = np.float32(0.0)
+    if not has_up:
+        a0 = a1 = a2 = zero
+    if not has_down:
+        c0 = c1 = c2 = zero
+    n = acc.shape[0]
+    m = n - 2 * batch
+    _add3(acc[batch:n - batch], up[:m], up[batch:n - batch], up[2 * batch:],
+          mid[:m], mid[batch:n - batch], mid[2 * batch:], down[:m], down[batch:n - batch], down[2 * batch:],
+          a0, a1, a2, b0, b1, b2, c0, c1, c2)
+    _add3(acc[:batch], up[:batch], up[:batch], up[batch:2 * batch], mid[:batch], mid[:batch],
+          mid[batch:2 * batch], down[:batch], down[:batch], down[batch:2 * batch],
+          zero, a1, a2, zero, b1, b2, zero, c1, c2)
+    _add3(acc[n - batch:], up[n - 2 * batch:n - batch], up[n - batch:], up[n - batch:],
+          mid[n - 2 * batch:n - batch], mid[n - batch:], mid[n - batch:],
+          down[n - 2 * batch:n - batch], down[n - batch:], down[n - batch:],
+          a0, a1, zero, b0, b1, zero, c0, c1, zero)
+
+
+@numba.njit(**_FAST)
+def _dot3(d, r0, r1, r2):
+    """``(d . r0, d . r1, d . r2)`` over equal-length vectors, float32."""
+    s0 = s1 = s2 = np.float32(0.0)
+    for j in range(d.shape[0]):
+        s0 += d[j] * r0[j]
+        s1 += d[j] * r1[j]
+        s2 += d[j] * r2[j]
+    return s0, s1, s2
+
+
+@numba.njit(**_FAST)
+def _row_tap_dots(d, r, batch):
+    """``sum_x d[x] * r[x + dx]`` for dx = -1, 0, 1 over map rows flattened to (width * batch,), with zero
+    padding. Returns (left, mid, right) float32."""
+    n = d.shape[0]
+    left, mid, right = _dot3(d[batch:n - batch], r[:n - 2 * batch], r[batch:n - batch], r[2 * batch:])
+    _, mid0, right0 = _dot3(d[:batch], r[:batch], r[:batch], r[batch:2 * batch])
+    left1, mid1, _ = _dot3(d[n - batch:], r[n - 2 * batch:n - batch], r[n - batch:], r[n - batch:])
+    return left + left1, mid + mid0 + mid1, right + right0
+
+
+def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu):
+    """``out[o] = sum_k conv3x3(x[indices[k]], weights[k]) + bias[o]`` over the kernels k of row o, then ReLU.
+
+    indptr (n_out + 1,), indices (nnz,) input maps, weights (nnz, 9), bias (n_out,), x (n_in, H, W * batch),
+    out (n_out, H, W * batch): maps with the batch innermost, rows flattened (W >= 2). Cost: 9 multiply-adds per
+    kernel, pixel and sample; an output row stays in cache while every kernel of its map adds to it.
+    """
+    n_out, height, _ = out.shape
+    for o in prange(n_out):
+        for h in range(height):
+            acc = out[o, h]
+            acc[:] = bias[o]
+            for k in range(indptr[o], indptr[o + 1]):
+                c = indices[k]
+                _row_taps(acc, x[c, max(h - 1, 0)], x[c, h], x[c, min(h + 1, height - 1)], weights[k], False,
+                          h > 0, h + 1 < height, batch)
+            if relu:
+                for i in range(acc.shape[0]):
+                    acc[i] = max(acc[i], np.float32(0.0))
+
+
+def _add_bias(out, bias, relu):
+    """``out[o] += bias[o]``, then ReLU if ``relu``. out (n_out, n) float32, bias (n_out,)."""
+    for o in prange(out.shape[0]):
+        row = out[o]
+        b_o = bias[o]
+        if relu:
+            for i in range(row.shape[0]):
+                row[i] = max(row[i] + b_o, np.float32(0.0))
+        else:
+            for i in range(row.shape[0]):
+                row[i] += b_o
+
+
+def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, out, batch):
+    """``out = conv3x3_transpose(delta) * (activation > 0)``: the loss gradient at the input maps, through ReLU.
+
+    col_ptr (n_in + 1,), col_order (nnz,) kernel ids grouped by input map, rows (nnz,) output maps,
+    weights (nnz, 9), delta (n_out, H, W * batch), activation and out (n_in, H, W * batch). Input pixel (h, w)
+    receives tap (dy, dx) from output pixel (h - dy, w - dx): the kernel rotated by 180 degrees.
+    """
+    n_in, height, row_size = out.shape
+    for c in prange(n_in):
+        for h in range(height):
+            acc = out[c, h]
+            acc[:] = 0.0
+            for p in range(col_ptr[c], col_ptr[c + 1]):
+                k = col_order[p]
+                o = rows[k]
+                _row_taps(acc, delta[o, max(h - 1, 0)], delta[o, h], delta[o, min(h + 1, height - 1)], weights[k],
+                          True, h > 0, h + 1 < height, batch)
+            act = activation[c, h]
+            for i in range(row_size):
+                if act[i] <= 0.0:
+                    acc[i] = 0.0
+
+
+def _conv_weight_grad(connections, rows, indices, delta, x, grad, batch):
+    """``grad[q, t] = sum_{h, w, b} delta[o, h, w, b] * x[c, h + dy_t, w + dx_t, b]`` for kernel
+    ``k = connections[q]`` from map ``c = indices[k]`` to map ``o = rows[k]``: dL/dW only at live kernels.
+
+    connections (m,), rows (nnz,), indices (nnz,), delta (n_out, H, W * batch), x (n_in, H, W * batch),
+    grad (m, 9).
+    """
+    height = x.shape[1]
+    for q in prange(connections.shape[0]):
+        k = connections[q]
+        o, c = rows[k], indices[k]
+        g = np.zeros(9, np.float32)
+        for h in range(height):
+            for dy in range(-1, 2):
+                if 0 <= h + dy < height:
+                    left, mid, right = _row_tap_dots(delta[o, h], x[c, h + dy], batch)
+                    t = 3 * (dy + 1)
+                    g[t] += left
+                    g[t + 1] += mid
+                    g[t + 2] += right
+        grad[q] = g
+
+
+def _im2col(x, cols):
+    """``cols[9 c + t, h, w] = x[c, h + dy_t, w + dx_t]`` (0 in the padding): the input of the dense path.
+
+    x (n_in, H, W, batch), cols (9 n_in, H, W, batch).
+    """
+    n_in, height, width, batch = x.shape
+    for c in prange(n_in):
+        for t in range(9):
+            dy, dx = t // 3 - 1, t % 3 - 1
+            for h in range(height):
+                for w in range(width):
+                    row = cols[9 * c + t, h, w]
+                    if 0 <= h + dy < height and 0 <= w + dx < width:
+                        src = x[c, h + dy, w + dx]
+                        for b in range(batch):
+                            row[b] = src[b]
+                    else:
+                        for b in range(batch):
+                            row[b] = 0.0
+
+
+def _col2im(cols, activation, out):
+    """``out[c, h, w] = sum_t cols[9 c + t, h - dy_t, w - dx_t]``, then times ``activation > 0``: the adjoint of
+    ``im2col`` followed by the ReLU derivative. cols (9 n_in, H, W, batch), activation/out (n_in, H, W, batch)."""
+    n_in, height, width, batch = out.shape
+    for c in prange(n_in):
+        for h in range(height):
+            for w in range(width):
+                acc = out[c, h, w]
+                for b in range(batch):
+                    acc[b] = 0.0
+                for t in range(9):
+                    hs, ws = h - (t // 3 - 1), w - (t % 3 - 1)
+                    if 0 <= hs < height and 0 <= ws < width:
+                        src = cols[9 * c + t, hs, ws]
+                        for b in range(batch):
+                            acc[b] += src[b]
+                act = activation[c, h, w]
+                for b in range(batch):
+                    if act[b] <= 0.0:
+                        acc[b] = 0.0
+
+
+def _max_pool2(x, out, argmax):
+    """2 x 2 max pooling, stride 2. x (C, H, W, batch), out and argmax (C, H // 2, W // 2, batch); argmax holds
+    the winner's position 2 * dy + dx (uint8; the first of equal values wins)."""
+    n_maps, height, width, batch = out.shape
+    for c in prange(n_maps):
+        for h in range(height):
+            for w in range(width):
+                for b in range(batch):
+                    best = x[c, 2 * h, 2 * w, b]
+                    where = 0
+                    for t in range(1, 4):
+                        v = x[c, 2 * h + t // 2, 2 * w + t % 2, b]
+                        if v > best:
+                            best, where = v, t
+                    out[c, h, w, b] = best
+                    argmax[c, h, w, b] = where
+
+
+def _max_pool2_backward(delta, argmax, out):
+    """Route ``delta`` (C, H // 2, W // 2, batch) to the winners: out (C, H, W, batch), zero elsewhere."""
+    n_maps, height, width, batch = delta.shape
+    for c in prange(n_maps):
+        for h in range(height):
+            for w in range(width):
+                for b in range(batch):
+                    where = argmax[c, h, w, b]
+                    for t in range(4):
+                        out[c, 2 * h + t // 2, 2 * w + t % 2, b] = delta[c, h, w, b] if t == where else 0.0
+
+
+def _sgd_step_kernels(connections, grad, lr, weights, importance):
+    """SGD on whole kernels ``weights[connections]`` (nnz, 9) with grad (m, 9); a kernel's Omega (Eq. 3) grows by
+    the sum of its nine elements' ``lr * g**2`` (the paper's kernel importance). importance (nnz,)."""
+    for q in prange(connections.shape[0]):
+        k = connections[q]
+        total = np.float32(0.0)
+        for t in range(weights.shape[1]):
+            step = lr * grad[q, t]
+            total += abs(step * grad[q, t])
+            weights[k, t] -= step
+        importance[k] += total
+
+
+def _transpose_standardize(rows, scale, shift, out):
+    """``out[f, b] = rows[b, f] * scale[f] + shift[f]``: a uint8 batch to float32 with per-feature statistics,
+    transposed. rows (batch, n_features) uint8, scale/shift (n_features,) float32, out (n_features, batch)."""
+    batch, n_features = rows.shape
+    tile = 32
+    for t in prange((n_features + tile - 1) // tile):
+        f0 = t * tile
+        f1 = min(f0 + tile, n_features)
+        for b0 in range(0, batch, tile):
+            for b in range(b0, min(b0 + tile, batch)):
+                row = rows[b]
+                for f in range(f0, f1):
+                    out[f, b] = row[f] * scale[f] + shift[f]
+
+
+conv_forward = _build(_conv_forward)
+conv_backward_input = _build(_conv_backward_input)
+conv_weight_grad = _build(_conv_weight_grad)
+add_bias = _build(_add_bias)
+im2col = _build(_im2col)
+col2im = _build(_col2im)
+max_pool2 = _build(_max_pool2)
+max_pool2_backward = _build(_max_pool2_backward)
+sgd_step_kernels = _build(_sgd_step_kernels)
+transpose_standardize = _build(_transpose_standardize)

@@ -101,14 +101,21 @@ class SparseLinear:
     ``W`` is a ``scipy.sparse.csr_array`` of shape (out slots, in slots). Per-connection state is aligned with
     ``W.data``: ``owner`` (the task that allocated the connection, int16) and ``importance`` (Omega of Eq. 3,
     float32). ``rows`` and the CSC view (``col_ptr``, ``col_order``) are derived from the structure and rebuilt
-    together with it.
+    together with it. ``taps`` is the number of weights per connection (1 here; 9 for a 3 x 3 kernel).
     """
+
+    taps = 1
 
     def __init__(self, in_index, out_index):
         self.in_index = in_index
         self.out_index = out_index
         empty = np.zeros(0, dtype=np.int64)
-        self._set_connections(empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, np.float32))
+        self._set_connections(empty, empty, np.zeros(self.weight_shape(0), np.float32), np.zeros(0, np.int16),
+                              np.zeros(0, np.float32))
+
+    def weight_shape(self, count):
+        """Shape of the weights of ``count`` connections: (count,), or (count, taps) for a convolution."""
+        return (count,) if self.taps == 1 else (count, self.taps)
 
     # ----- structure -----
     @property
@@ -136,7 +143,9 @@ class SparseLinear:
         return np.flatnonzero(self.owner == task)
 
     def add_connections(self, rows, cols, weights, owner, importance=None):
-        """Insert connections at (row slot, column slot) positions that must be empty."""
+        """Insert connections at (row slot, column slot) positions that must be empty.
+
+        weights (m,) for a fully connected layer, (m, taps) for a convolution."""
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         if importance is None:
@@ -165,14 +174,17 @@ class SparseLinear:
         index_dtype = np.int32 if rows.size < 2**31 else np.int64  # half the index traffic in the kernels
         indptr = np.zeros(n_out + 1, dtype=index_dtype)
         np.cumsum(np.bincount(rows, minlength=n_out), out=indptr[1:])
-        self.W = scipy.sparse.csr_array(
-            (np.ascontiguousarray(weights[order], np.float32), cols.astype(index_dtype), indptr),
-            shape=(n_out, n_in))
+        self._build_matrix(np.ascontiguousarray(weights[order], np.float32), cols.astype(index_dtype), indptr)
         self.owner = np.ascontiguousarray(owner[order], np.int16)
         self.importance = np.ascontiguousarray(importance[order], np.float32)
         self.rows = rows.astype(np.int32)
         self.version = getattr(self, "version", 0) + 1
         self.set_active_rows(None)
+
+    def _build_matrix(self, weights, indices, indptr):
+        """Set ``W`` from sorted CSR arrays; weights (nnz,)."""
+        shape = (self.out_index.n_slots, self.in_index.n_slots)
+        self.W = scipy.sparse.csr_array((weights, indices, indptr), shape=shape)
 
     def set_active_rows(self, active):
         """Compute only the output rows in ``active`` ((out slots,) bool, or None for all).
@@ -232,9 +244,136 @@ class SparseLinear:
         kernel(connections, self.rows, self.indices, delta, x, grad)
         return grad
 
+    def sgd_step(self, connections, grad, lr):
+        """``W[connections] -= lr * grad`` and Omega (Eq. 3) ``+= |lr * grad**2|`` in one pass. grad (m,)."""
+        kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * 64)
+        kernel(connections, grad, np.float32(lr), self.weights, self.importance)
+
     def to_scipy(self):
         """The weights over neuron ids: a ``csr_array`` of shape (out width, in width), built on request."""
         coo = self.W.tocoo()
         return scipy.sparse.csr_array(
             (coo.data, (self.out_index.slot_ids[coo.row], self.in_index.slot_ids[coo.col])),
             shape=(self.out_index.width, self.in_index.width))
+
+
+class SparseConv2d(SparseLinear):
+    """A 3 x 3 convolution (stride 1, zero padding 1) between feature maps, sparse at the level of whole kernels.
+
+    A connection is one 3 x 3 kernel from an input map (column slot) to an output map (row slot), the unit of
+    allocation, drop, grow and reservation (paper, Sec. 4). ``W`` is a ``scipy.sparse.bsr_array`` of shape
+    (out maps, 9 * in maps) with (1, 9) blocks: block CSR over kernels, ``W.data`` (nnz, 1, 9). ``weights`` is the
+    (nnz, 9) view of it; ``owner`` and ``importance`` (a kernel's Omega, the sum over its nine weights) are aligned
+    with the kernels. Maps are (maps, height, width, batch) float32.
+
+    Two computation paths give the same result: direct sparse kernels whose cost is 9 multiply-adds per live
+    kernel, pixel and sample, and a dense one (im2col, then one BLAS product with the weights scattered into a
+    dense (out maps, 9 * in maps) matrix, a transient buffer of a few hundred KB at most). ``dense_path`` picks the
+    dense one when the kernel density reaches ``DENSE_MIN_DENSITY``, the crossover measured by
+    ``benchmarks/conv_paths.py``; ``force_path`` ("sparse" or "dense") overrides it for benchmarks and tests.
+    """
+
+    taps = 9
+    DENSE_MIN_DENSITY = 0.9
+
+    def __init__(self, in_index, out_index, height, width):
+        self.height, self.width = int(height), int(width)
+        self.force_path = None
+        self._cols = None  # (source x, im2col of x) of the last dense forward pass, reused by weight_grad
+        super().__init__(in_index, out_index)
+
+    def _build_matrix(self, weights, indices, indptr):
+        shape = (self.out_index.n_slots, self.taps * self.in_index.n_slots)
+        self.W = scipy.sparse.bsr_array((weights.reshape(-1, 1, self.taps), indices, indptr), shape=shape,
+                                        blocksize=(1, self.taps))
+
+    @property
+    def weights(self):
+        return self.W.data.reshape(-1, self.taps)
+
+    @property
+    def density(self):
+        """Live kernels over all (in maps x out maps) positions."""
+        return self.nnz / max(1, self.in_index.n_slots * self.out_index.n_slots)
+
+    def dense_path(self, density=None):
+        """Whether the dense im2col + BLAS path is the faster one at ``density`` (default: the layer's)."""
+        if self.force_path is not None:
+            return self.force_path == "dense"
+        return (self.density if density is None else density) >= self.DENSE_MIN_DENSITY
+
+    def dense_weights(self):
+        """The kernels scattered into a dense (out maps, 9 * in maps) float32 matrix, im2col's column order."""
+        dense = np.zeros((self.out_index.n_slots, self.in_index.n_slots, self.taps), np.float32)
+        dense[self.rows, self.indices] = self.weights
+        return dense.reshape(self.out_index.n_slots, -1)
+
+    def forward(self, x, out, relu, active_only=False):
+        """``out = conv3x3(x, W) + bias`` (then ReLU). x (in maps, H, W, batch), out (out maps, H, W, batch)."""
+        self._cols = None
+        if not self.dense_path():
+            kernel = kernels.pick(kernels.conv_forward, self.nnz * 9 * x[0].size)
+            kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), _rows(out), x.shape[3], relu)
+            return out
+        cols = self._im2col(x)
+        self._dense = self.dense_weights()
+        flat = out.reshape(out.shape[0], -1)
+        np.matmul(self._dense, cols.reshape(cols.shape[0], -1), out=flat)
+        kernels.pick(kernels.add_bias, flat.size)(flat, self.bias, relu)
+        return out
+
+    def _im2col(self, x):
+        """im2col of x (in maps, H, W, batch) into a reused buffer, remembered for ``weight_grad``."""
+        cols = self._workspace("cols", (9 * x.shape[0],) + x.shape[1:])
+        kernels.pick(kernels.im2col, cols.size)(x, cols)
+        self._cols = (x, cols)
+        return cols
+
+    def _workspace(self, name, shape):
+        """A float32 buffer kept between batches (no page faults on every call)."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        if name not in buffers or buffers[name].shape != shape:
+            buffers[name] = np.empty(shape, np.float32)
+        return buffers[name]
+
+    def backward_input(self, delta, input_activation, out):
+        """Gradient at the input maps through their ReLU. delta (out maps, H, W, batch),
+        input_activation/out (in maps, H, W, batch)."""
+        if not self.dense_path():
+            kernel = kernels.pick(kernels.conv_backward_input, self.nnz * 9 * delta[0].size)
+            kernel(self.col_ptr, self.col_order, self.rows, self.weights, _rows(delta), _rows(input_activation),
+                   _rows(out), delta.shape[3])
+            return out
+        dense = self._dense if self._cols is not None else self.dense_weights()
+        cols = self._workspace("grad_cols", (9 * out.shape[0],) + out.shape[1:])
+        np.matmul(dense.T, delta.reshape(delta.shape[0], -1), out=cols.reshape(cols.shape[0], -1))
+        kernels.pick(kernels.col2im, cols.size)(cols, input_activation, out)
+        return out
+
+    def weight_grad(self, connections, delta, x):
+        """dL/dW at the kernels ``connections``. delta (out maps, H, W, batch), x (in maps, H, W, batch).
+        Returns (m, 9) float32."""
+        m = connections.shape[0]
+        if not self.dense_path(m / max(1, self.in_index.n_slots * self.out_index.n_slots)):
+            grad = np.empty((m, self.taps), np.float32)
+            kernel = kernels.pick(kernels.conv_weight_grad, m * 9 * x[0].size)
+            kernel(connections, self.rows, self.indices, _rows(delta), _rows(x), grad, x.shape[3])
+            return grad
+        cols = self._cols[1] if self._cols is not None and self._cols[0] is x else self._im2col(x)
+        full = delta.reshape(delta.shape[0], -1) @ cols.reshape(cols.shape[0], -1).T
+        full = full.reshape(self.out_index.n_slots, self.in_index.n_slots, self.taps)
+        return full[self.rows[connections], self.indices[connections]]
+
+    def sgd_step(self, connections, grad, lr):
+        """SGD on whole kernels; a kernel's Omega grows by the sum over its weights. grad (m, 9)."""
+        kernel = kernels.pick(kernels.sgd_step_kernels, connections.size * 64)
+        kernel(connections, grad, np.float32(lr), self.weights, self.importance)
+
+    def to_scipy(self):
+        """The kernels over map ids: a ``bsr_array`` of shape (out maps, 9 * in maps) with (1, 9) blocks."""
+        return self.W.copy()
+
+
+def _rows(maps):
+    """(maps, H, W, batch) -> the (maps, H, W * batch) view the convolution kernels take."""
+    return maps.reshape(maps.shape[0], maps.shape[1], -1)

@@ -147,7 +147,7 @@ class FineTune(Learner):
         if not any(self.model.connection_counts()):
             self.allocate()
         self.trainable = [np.arange(layer.nnz) for layer in self.model.layers]
-        self.bias_trainable = [np.ones(n.n_slots, dtype=np.float32) for n in self.model.neurons[1:]]
+        self.bias_trainable = [np.ones(layer.out_index.n_slots, dtype=np.float32) for layer in self.model.layers]
         return TaskState(task=self.tasks_learned, classes=classes)
 
     def finish_task(self, state):
@@ -166,16 +166,19 @@ class FineTune(Learner):
         """
         model, rng = self.model, self.rng
         counts = self.connection_budget()
-        selected = [np.arange(model.n_features)]
-        for h, neurons in enumerate(model.neurons[1:-1]):
-            n = min(neurons.width, max(counts[h], counts[h + 1]))
+        selected = [np.arange(neurons.width) for neurons in model.neurons]  # dense neuron layers: every neuron
+        for position in model.hidden_positions:
+            neurons = model.neurons[position]
+            if neurons.dense:
+                continue
+            n = min(neurons.width, max(c for c, layer in zip(counts, model.layers)
+                                       if position in (layer.in_pos, layer.out_pos)))
             ids = np.arange(n) if n == neurons.width else np.sort(rng.choice(neurons.width, size=n, replace=False))
-            selected.append(np.sort(neurons.slots_for(ids)))
-        selected.append(np.arange(model.n_classes))
+            selected[position] = np.sort(neurons.slots_for(ids))
         for layer in model.layers:
             layer.resize_to_indices()
         for l, layer in enumerate(model.layers):
-            rows, cols = selected[l + 1], selected[l]  # the block holds counts[l] (checked in __init__)
+            rows, cols = selected[layer.out_pos], selected[layer.in_pos]  # holds counts[l] (checked in __init__)
             keys = np.sort(rng.choice(rows.size * cols.size, size=counts[l], replace=False))
             weights = self.init_weights(layer, rows, cols, counts[l])
             layer.add_connections(rows[keys // cols.size], cols[keys % cols.size], weights, 0)
@@ -252,7 +255,7 @@ class EWC(FineTune):
         n = min(self.fisher_samples, images.shape[0])
         ids = rng.choice(images.shape[0], size=n, replace=False)
         labels = np.asarray(labels, dtype=np.int64)
-        weights = [np.zeros(layer.nnz) for layer in self.model.layers]
+        weights = [np.zeros(layer.weights.shape) for layer in self.model.layers]
         bias = [np.zeros(layer.bias.shape[0]) for layer in self.model.layers]
         for i in ids:
             one = np.array([i])
@@ -299,7 +302,7 @@ class EWC(FineTune):
             self._set_anchor(None, None, None, None)
             return
         layers = self.model.layers
-        expected = {f"{key}_{l}": (layer.nnz if key.endswith("weights") else layer.bias.shape[0],)
+        expected = {f"{key}_{l}": (layer.weights.shape if key.endswith("weights") else layer.bias.shape)
                     for key in self.KEYS for l, layer in enumerate(layers)}
         if set(state) != set(expected):
             raise ValueError(f"EWC state must have the keys {sorted(expected)}, got {sorted(state)}")

@@ -8,7 +8,7 @@ import functools
 import numpy as np
 
 from . import kernels
-from .layers import NeuronIndex, SparseLinear
+from .layers import NeuronIndex, SparseConv2d, SparseLinear
 
 
 def softmax_cross_entropy(logits, labels):
@@ -29,7 +29,85 @@ def softmax_cross_entropy(logits, labels):
     return loss, delta.astype(np.float32, copy=False)
 
 
-class SparseMLP:
+class SparseNetwork:
+    """What every sparse network shares: neuron layers, weight layers, known classes, snapshots.
+
+    ``neurons`` is a list of ``NeuronIndex`` (input first, output last); ``layers[l]`` maps
+    ``neurons[layers[l].in_pos]`` to ``neurons[layers[l].out_pos]``. ``hidden_positions`` lists the neuron layers
+    whose neurons SpaceNet selects and reserves (``config.selected_neurons[h]`` is for ``hidden_positions[h]``);
+    the others (the input, a flattened feature layer, the output) are fully used by every task. Subclasses
+    implement ``forward``, ``backward`` and ``spec``.
+    """
+
+    def _link(self, neurons, layers, hidden_positions):
+        self.neurons, self.layers, self.hidden_positions = neurons, layers, list(hidden_positions)
+        for layer in layers:
+            layer.in_pos, layer.out_pos = neurons.index(layer.in_index), neurons.index(layer.out_index)
+        self.known_classes = np.zeros(neurons[-1].width, dtype=bool)
+        self._buffers = {}
+
+    @property
+    def n_features(self):
+        return self.neurons[0].width
+
+    @property
+    def n_classes(self):
+        return self.neurons[-1].width
+
+    def update_active_rows(self):
+        """Hook run before a forward pass (``SparseMLP`` restricts layers to neurons that reach the output)."""
+
+    def logits(self, x):
+        """Logits for a standardized batch x (n_features, batch) float32. Returns (n_classes, batch) float32,
+        a buffer that the next forward pass overwrites."""
+        return self.forward(x, reaching_output_only=True)[-1]
+
+    def gradients(self, x, labels):
+        """Loss and dL/dW at every connection and dL/db for every slot, without changing the network.
+
+        x (n_features, batch) float32, labels (batch,). Returns (loss, [weight grads (nnz,)], [bias grads (slots,)]),
+        lists with one entry per layer. Used by tests (finite differences) and by methods that need full gradients.
+        """
+        activations = self.forward(x)
+        loss, delta_out = softmax_cross_entropy(activations[-1], labels)
+        weight_grads = [None] * len(self.layers)
+        bias_grads = [None] * len(self.layers)
+
+        def record(l, delta, inputs):
+            layer = self.layers[l]
+            weight_grads[l] = layer.weight_grad(np.arange(layer.nnz), delta, inputs)
+            bias_grads[l] = delta.reshape(delta.shape[0], -1).sum(axis=1)
+
+        self.backward(activations, delta_out, record)
+        return loss, weight_grads, bias_grads
+
+    def snapshot(self):
+        """Copies of everything a task can change: connections, slots, reserved lists, biases, known classes.
+
+        O(connections + neurons); taken once per task so that a failed task can be undone with ``restore``.
+        """
+        return ([layer.connection_arrays() for layer in self.layers],
+                [(n.n_slots, n.reserved_by.copy(), n.bias.copy()) for n in self.neurons],
+                self.known_classes.copy())
+
+    def restore(self, snapshot):
+        """Put the network back into the state of ``snapshot`` (from ``snapshot()``)."""
+        connections, neurons, known_classes = snapshot
+        for index, (n_slots, reserved_by, bias) in zip(self.neurons, neurons):
+            index.truncate(n_slots)
+            index.reserved_by, index.bias = reserved_by.copy(), bias.copy()
+        for layer, arrays in zip(self.layers, connections):
+            layer.set_connection_arrays(arrays)
+        self.known_classes = known_classes.copy()
+
+    def connection_counts(self):
+        """Live connections per layer. Returns a list of ints."""
+        return [layer.nnz for layer in self.layers]
+
+
+
+
+class SparseMLP(SparseNetwork):
     """An MLP ``n_features -> hidden... -> n_classes`` whose layers are ``SparseLinear``.
 
     Attributes: ``neurons`` (one ``NeuronIndex`` per layer, input first; hidden layers are compact) and ``layers``
@@ -41,20 +119,15 @@ class SparseMLP:
         if any(s < 1 for s in sizes):
             raise ValueError(f"layer sizes must be positive, got {sizes}")
         self.sizes = sizes
-        self.neurons = ([NeuronIndex(sizes[0], dense=True)] + [NeuronIndex(h) for h in sizes[1:-1]]
-                        + [NeuronIndex(sizes[-1], dense=True)])
-        self.layers = [SparseLinear(a, b) for a, b in zip(self.neurons[:-1], self.neurons[1:])]
-        self.known_classes = np.zeros(sizes[-1], dtype=bool)
+        neurons = ([NeuronIndex(sizes[0], dense=True)] + [NeuronIndex(h) for h in sizes[1:-1]]
+                   + [NeuronIndex(sizes[-1], dense=True)])
+        self._link(neurons, [SparseLinear(a, b) for a, b in zip(neurons[:-1], neurons[1:])],
+                   range(1, len(sizes) - 1))
         self._active_versions = None
-        self._buffers = {}
 
-    @property
-    def n_features(self):
-        return self.sizes[0]
-
-    @property
-    def n_classes(self):
-        return self.sizes[-1]
+    def spec(self):
+        """The architecture as a JSON-able dict (``build_network`` inverts it)."""
+        return {"kind": "mlp", "sizes": list(self.sizes)}
 
     def buffers(self, batch):
         """Reusable activation and gradient arrays for ``batch`` samples: lists of (slots, batch) float32."""
@@ -116,52 +189,150 @@ class SparseMLP:
             step(l, delta, activations[l])
             delta = below
 
-    def logits(self, x):
-        """Logits for a standardized batch x (n_features, batch) float32. Returns (n_classes, batch) float32,
-        a buffer that the next forward pass overwrites."""
-        return self.forward(x, reaching_output_only=True)[-1]
+class SparseCNN(SparseNetwork):
+    """The paper's convolutional network (Sec. 5.3.1): 3 x 3 convolutions with ReLU, 2 x 2 max pooling after every
+    two of them, then sparse fully connected layers with ReLU and a shared output layer.
 
-    def gradients(self, x, labels):
-        """Loss and dL/dW at every connection and dL/db for every slot, without changing the network.
+    image_shape (channels, height, width); ``conv`` maps per convolution (default 32-32-64-64); ``hidden`` widths of
+    the fully connected hidden layers (default 512); ``pool_every`` convolutions per max pooling.
+    Neuron layers: the input channels, each convolution's maps, the flattened features of the last pooling, the
+    hidden fully connected neurons and the classes. Maps and hidden neurons are selected and reserved; the input
+    and the flattened features are used by every task. Maps are stored (maps, height, width, batch), so the
+    flattened features are a free reshape to (features, batch) in (map, row, column) order.
+    """
 
-        x (n_features, batch) float32, labels (batch,). Returns (loss, [weight grads (nnz,)], [bias grads (slots,)]),
-        lists with one entry per layer. Used by tests (finite differences) and by methods that need full gradients.
+    def __init__(self, image_shape=(3, 32, 32), conv=(32, 32, 64, 64), hidden=(512,), n_classes=10, pool_every=2):
+        channels, height, width = (int(d) for d in image_shape)
+        sizes = [channels, height, width, *conv, *hidden, n_classes, pool_every]
+        if any(int(v) < 1 for v in sizes) or not conv:
+            raise ValueError(f"image_shape, conv, hidden, n_classes and pool_every must be positive, got "
+                             f"{image_shape}, {list(conv)}, {list(hidden)}, {n_classes}, {pool_every}")
+        self.image_shape, self.conv, self.hidden = (channels, height, width), list(conv), list(hidden)
+        self.pool_every = int(pool_every)
+        neurons, layers, self.pooled_input = [NeuronIndex(channels, dense=True)], [], []
+        pool_next = False
+        for i, maps in enumerate(self.conv):
+            if pool_next:
+                if height % 2 or width % 2:
+                    raise ValueError(f"max pooling needs even map sizes, got {height} x {width} before conv {i}")
+                height, width = height // 2, width // 2
+            neurons.append(NeuronIndex(int(maps), dense=True))
+            layers.append(SparseConv2d(neurons[-2], neurons[-1], height, width))
+            self.pooled_input.append(pool_next)
+            pool_next = (i + 1) % self.pool_every == 0
+        if pool_next:
+            if height % 2 or width % 2:
+                raise ValueError(f"max pooling needs even map sizes, got {height} x {width} after the last conv")
+            height, width = height // 2, width // 2
+        self.flat_shape = (int(self.conv[-1]), height, width)
+        neurons.append(NeuronIndex(int(np.prod(self.flat_shape)), dense=True))
+        hidden_positions = list(range(1, len(self.conv) + 1))
+        for i, units in enumerate([*self.hidden, n_classes]):
+            neurons.append(NeuronIndex(int(units), dense=True))
+            layers.append(SparseLinear(neurons[-2], neurons[-1]))
+            self.pooled_input.append(pool_next and i == 0)
+            if i < len(self.hidden):
+                hidden_positions.append(len(neurons) - 1)
+        self._link(neurons, layers, hidden_positions)
+
+    @property
+    def n_features(self):
+        return int(np.prod(self.image_shape))
+
+    def spec(self):
+        return {"kind": "cnn", "image_shape": list(self.image_shape), "conv": self.conv, "hidden": self.hidden,
+                "n_classes": self.n_classes, "pool_every": self.pool_every}
+
+    def _shapes(self, batch):
+        """Per layer: (input shape, output shape, pre-pool shape of the input or None)."""
+        shapes, maps = [], self.image_shape
+        for l, layer in enumerate(self.layers):
+            pre = None
+            if isinstance(layer, SparseConv2d):
+                if self.pooled_input[l]:
+                    pre = (maps[0], 2 * layer.height, 2 * layer.width, batch)
+                in_shape = (maps[0], layer.height, layer.width, batch)
+                out_shape = (layer.out_index.width, layer.height, layer.width, batch)
+                maps = out_shape[:3]
+            else:
+                if self.pooled_input[l]:
+                    pre = (*maps[:1], maps[1], maps[2], batch)
+                in_shape, out_shape = (layer.in_index.width, batch), (layer.out_index.width, batch)
+            shapes.append((in_shape, out_shape, pre))
+        return shapes
+
+    def buffers(self, batch):
+        """Reusable arrays for ``batch`` samples, per layer: outputs, pooling winners, gradients (at the input
+        and before its pooling) and pooled inputs."""
+        if batch not in self._buffers:
+            if len(self._buffers) > 4:
+                self._buffers.clear()
+            outputs, argmax, grads, pooled_inputs = [], [], [], []
+            for in_shape, out_shape, pre in self._shapes(batch):
+                outputs.append(np.empty(out_shape, np.float32))
+                pooled = None if pre is None else (pre[0], pre[1] // 2, pre[2] // 2, batch)
+                argmax.append(None if pre is None else np.empty(pooled, np.uint8))
+                pooled_inputs.append(None if pre is None else np.empty(pooled, np.float32))
+                grads.append((np.empty(in_shape, np.float32),
+                              None if pre is None else np.empty(pre, np.float32)))
+            self._buffers[batch] = outputs, argmax, grads, pooled_inputs
+        return self._buffers[batch]
+
+    def forward(self, x, reaching_output_only=False):
+        """Inputs of every layer, then the logits. x (n_features, batch) float32, features in (channel, row,
+        column) order. Returns a list: (maps, H, W, batch) for convolutions, (features, batch) for the fully
+        connected layers, logits (n_classes, batch) last. The arrays are reused by the next call."""
+        batch = x.shape[1]
+        outputs, argmax, _, pooled_inputs = self.buffers(batch)
+        inputs = [x.reshape(*self.image_shape, batch)]
+        last = len(self.layers) - 1
+        for l, layer in enumerate(self.layers):
+            layer.forward(inputs[l], outputs[l], relu=l < last)
+            if l == last:
+                break
+            following = outputs[l]
+            if self.pooled_input[l + 1]:
+                pooled = pooled_inputs[l + 1]
+                kernels.pick(kernels.max_pool2, pooled.size)(following, pooled, argmax[l + 1])
+                following = pooled
+            if not isinstance(self.layers[l + 1], SparseConv2d):
+                following = following.reshape(-1, batch)
+            inputs.append(following)
+        return inputs + [outputs[last]]
+
+    def backward(self, activations, delta_out, step):
+        """Backpropagate ``delta_out`` (n_classes, batch) from the top layer down; see ``SparseMLP.backward``.
+
+        ``step(l, delta, x)`` gets the gradient at layer ``l``'s output and the layer's input (``activations[l]``).
         """
-        activations = self.forward(x)
-        loss, delta_out = softmax_cross_entropy(activations[-1], labels)
-        weight_grads = [None] * len(self.layers)
-        bias_grads = [None] * len(self.layers)
+        _, argmax, grads, _ = self.buffers(delta_out.shape[1])
+        delta = delta_out
+        for l in range(len(self.layers) - 1, -1, -1):
+            below = None
+            if l > 0:
+                below = self.layers[l].backward_input(delta, activations[l], grads[l][0])
+            step(l, delta, activations[l])
+            if below is not None and self.pooled_input[l]:
+                batch = delta_out.shape[1]
+                pre = grads[l][1]
+                below = below.reshape(pre.shape[0], pre.shape[1] // 2, pre.shape[2] // 2, batch)
+                kernels.pick(kernels.max_pool2_backward, pre.size)(below, argmax[l], pre)
+                below = pre
+            delta = below
 
-        def record(l, delta, inputs):
-            layer = self.layers[l]
-            weight_grads[l] = layer.weight_grad(np.arange(layer.nnz), delta, inputs)
-            bias_grads[l] = delta.sum(axis=1)
 
-        self.backward(activations, delta_out, record)
-        return loss, weight_grads, bias_grads
-
-    def snapshot(self):
-        """Copies of everything a task can change: connections, slots, reserved lists, biases, known classes.
-
-        O(connections + neurons); taken once per task so that a failed task can be undone with ``restore``.
-        """
-        return ([layer.connection_arrays() for layer in self.layers],
-                [(n.n_slots, n.reserved_by.copy(), n.bias.copy()) for n in self.neurons],
-                self.known_classes.copy())
-
-    def restore(self, snapshot):
-        """Put the network back into the state of ``snapshot`` (from ``snapshot()``)."""
-        connections, neurons, known_classes = snapshot
-        for index, (n_slots, reserved_by, bias) in zip(self.neurons, neurons):
-            index.truncate(n_slots)
-            index.reserved_by, index.bias = reserved_by.copy(), bias.copy()
-        for layer, arrays in zip(self.layers, connections):
-            layer.set_connection_arrays(arrays)
-        self.known_classes = known_classes.copy()
-
-    def connection_counts(self):
-        """Live connections per layer. Returns a list of ints."""
-        return [layer.nnz for layer in self.layers]
+def build_network(spec):
+    """The network described by ``spec`` (a ``spec()`` dict): ``{"kind": "mlp", "sizes": [...]}`` or
+    ``{"kind": "cnn", "image_shape": ..., "conv": ..., "hidden": ..., "n_classes": ..., "pool_every": ...}``."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "mlp":
+        sizes = [int(s) for s in spec["sizes"]]
+        if len(sizes) < 2:
+            raise ValueError(f"an MLP needs at least 2 layer sizes, got {sizes}")
+        return SparseMLP(sizes[0], sizes[1:-1], sizes[-1])
+    if kind == "cnn":
+        return SparseCNN(spec["image_shape"], spec["conv"], spec["hidden"], spec["n_classes"], spec["pool_every"])
+    raise ValueError(f"unknown network spec {spec!r}: 'kind' must be 'mlp' or 'cnn'")
 
 
 @functools.lru_cache(maxsize=8)
@@ -175,13 +346,29 @@ def input_lookup(mean, std):
 def standardize_batch(images, sample_ids, mean, std, out=None):
     """A uint8 batch to the network's input layout.
 
-    images (n, n_features) uint8, sample_ids (batch,) int64. Returns (n_features, batch) float32 with
-    ``(pixel / 255 - mean) / std``, computed through a 256-entry table.
+    images (n, n_features) uint8, sample_ids (batch,) int64, mean/std floats or (n_features,) arrays. Returns
+    (n_features, batch) float32 with ``(pixel / 255 - mean) / std``, computed through a 256-entry table for scalar
+    statistics.
     """
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
-    lut = input_lookup(float(mean), float(std))
     rows = images[sample_ids]
-    kernel = kernels.pick(kernels.transpose_lookup, images.shape[1] * sample_ids.shape[0])
-    kernel(rows, lut, out)
+    work = images.shape[1] * sample_ids.shape[0]
+    if np.ndim(mean) == 0:
+        kernels.pick(kernels.transpose_lookup, work)(rows, input_lookup(float(mean), float(std)), out)
+    else:
+        scale, shift = feature_affine(mean, std)
+        kernels.pick(kernels.transpose_standardize, work)(rows, scale, shift, out)
     return out
+
+
+def feature_affine(mean, std):
+    """Per-feature ``scale = 1 / (255 std)`` and ``shift = -mean / std`` (float32), cached for the last statistics."""
+    key = (id(mean), id(std))
+    if _affine_cache.get("key") != key:
+        _affine_cache.update(key=key, mean=mean, std=std, value=(
+            (1.0 / (255.0 * np.asarray(std))).astype(np.float32), (-np.asarray(mean) / np.asarray(std)).astype(np.float32)))
+    return _affine_cache["value"]
+
+
+_affine_cache = {}

@@ -1,4 +1,4 @@
-"""The SpaceNet strategy (Sokar et al., 2021): Algorithms 1-4 on a ``SparseMLP``.
+"""The SpaceNet strategy (Sokar et al., 2021): Algorithms 1-4 on a ``SparseMLP`` or a ``SparseCNN``.
 
 Choices where the paper's text and the official code differ, or where both are silent:
 
@@ -12,6 +12,10 @@ Choices where the paper's text and the official code differ, or where both are s
 - Rewiring applies to every layer except the output layer (as in the official code).
 - Biases of free (not reserved) hidden neurons and of the current task's output classes are trained; the
   biases of reserved neurons and of other classes stay fixed (official code).
+- Convolutions (paper, Sec. 4): a connection is a whole 3 x 3 kernel, its Omega the sum over its nine weights; a
+  feature map's importance is the sum over its ingoing kernels, like a neuron's. The flattened features between
+  the last convolution and the first fully connected layer are used by every task, like the input, and their
+  importance is the Omega of their outgoing connections.
 """
 from dataclasses import asdict, dataclass
 
@@ -22,16 +26,23 @@ from .layers import FREE
 from .strategy import Learner, TaskState, TrainingDiverged, check_inputs, predict  # noqa: F401 (re-exported)
 
 
+INIT_FANS = ("layer", "selected", "connections")
+
+
 @dataclass
 class SpaceNetConfig:
     """Hyperparameters of SpaceNet. Defaults are the paper's split MNIST configuration.
 
-    ``connections_per_task[l]`` is the number of connections a task allocates in layer ``l`` (an int), or a
-    fraction of that layer's full ``fan_in * fan_out`` (a float in (0, 1)). ``selected_neurons[h]`` and
-    ``reserved_neurons[h]`` are ``sel_l^t`` and ``spec_l^t`` for hidden layer ``h``. ``init_fan`` sets the
+    ``connections_per_task[l]`` is the number of connections (kernels, in a convolution) a task allocates in layer
+    ``l`` (an int), or a fraction of that layer's full ``fan_in * fan_out`` (a float in (0, 1)).
+    ``selected_neurons[h]`` and ``reserved_neurons[h]`` are ``sel_l^t`` and ``spec_l^t`` for hidden layer ``h``
+    (``model.hidden_positions[h]``); ``selected_neurons[h] = None`` selects every free neuron (the paper's CNN
+    setting, where every free feature map is selected). ``init_fan`` sets the
     Xavier-uniform bound of new connections: ``"layer"`` uses the full layer shape (paper, official code);
     ``"selected"`` uses the selected-neuron block, which keeps the scale of a neuron's input independent of the
-    layer width when the per-task budget is fixed (for very wide layers).
+    layer width when the per-task budget is fixed (for very wide layers); ``"connections"`` uses the average
+    number of new connections per neuron, which also keeps it independent of the density (the CNN default: at
+    12 % of the kernels, the full-layer bound shrinks the signal about 3x per layer).
     """
     connections_per_task: tuple = (10000, 1640, 80)
     selected_neurons: tuple = (80, 80)
@@ -51,17 +62,20 @@ class SpaceNetConfig:
 
         ``neuron_selection=False`` skips ``selected_neurons`` and ``reserved_neurons``, for methods without them.
         """
-        n_hidden = len(model.sizes) - 2
-        lengths = {"connections_per_task": n_hidden + 1}
+        n_hidden = len(model.hidden_positions)
+        lengths = {"connections_per_task": len(model.layers)}
         if neuron_selection:
             lengths.update(selected_neurons=n_hidden, reserved_neurons=n_hidden)
         for name, expected in lengths.items():
             if len(getattr(self, name)) != expected:
-                raise ValueError(f"{name} needs {expected} values for {n_hidden} hidden layers, "
-                                 f"got {list(getattr(self, name))}")
+                raise ValueError(f"{name} needs {expected} values for {len(model.layers)} layers and {n_hidden} "
+                                 f"hidden layers, got {list(getattr(self, name))}")
         for h in range(n_hidden if neuron_selection else 0):
-            sel, spec, width = self.selected_neurons[h], self.reserved_neurons[h], model.sizes[h + 1]
-            if not 1 <= sel <= width:
+            sel, spec = self.selected_neurons[h], self.reserved_neurons[h]
+            width = model.neurons[model.hidden_positions[h]].width
+            if sel is None:
+                sel = width
+            elif not 1 <= sel <= width:
                 raise ValueError(f"selected_neurons[{h}]={sel} must be in [1, {width}] (hidden layer {h} width)")
             if not 0 <= spec <= sel:
                 raise ValueError(f"reserved_neurons[{h}]={spec} must be in [0, selected_neurons[{h}]={sel}]")
@@ -73,8 +87,8 @@ class SpaceNetConfig:
             raise ValueError(f"rewire_ratio={self.rewire_ratio} must be in [0, 1)")
         if not (self.lr > 0.0 and np.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive finite number")
-        if self.init_fan not in ("layer", "selected"):
-            raise ValueError(f"init_fan={self.init_fan!r} must be 'layer' or 'selected'")
+        if self.init_fan not in INIT_FANS:
+            raise ValueError(f"init_fan={self.init_fan!r} must be one of {', '.join(map(repr, INIT_FANS))}")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -87,7 +101,7 @@ class SpaceNetConfig:
 
 
 class SpaceNet(Learner):
-    """SpaceNet for class-incremental learning (Algorithm 1) on a ``SparseMLP``.
+    """SpaceNet for class-incremental learning (Algorithm 1) on a ``SparseMLP`` or ``SparseCNN``.
 
     ``learn(images, labels, classes)`` runs one task: connections allocation (Algorithm 2), adaptive sparse
     training (Algorithm 3) and neurons reservation (Algorithm 4). Between tasks the network holds every task's
@@ -124,14 +138,20 @@ class SpaceNet(Learner):
         """Connections allocation: select free neurons, then place random connections between them."""
         model, cfg = self.model, self.config
         state = TaskState(task=self.tasks_learned, classes=classes)
-        state.selected.append(model.neurons[0].free_slots())
-        for h, neurons in enumerate(model.neurons[1:-1]):
-            if cfg.selected_neurons[h] > neurons.n_free:
-                raise ValueError(f"selected_neurons[{h}]={cfg.selected_neurons[h]} exceeds the {neurons.n_free} "
-                                 f"free neurons left in hidden layer {h} before task {state.task}")
-            ids = neurons.sample_free(cfg.selected_neurons[h], self.rng)
-            state.selected.append(np.sort(neurons.slots_for(ids)))
+        state.selected = [neurons.free_slots() for neurons in model.neurons[:-1]]  # the input: every feature
         state.selected.append(np.sort(classes.astype(np.int64)))
+        for h, position in enumerate(model.hidden_positions):
+            neurons, count = model.neurons[position], cfg.selected_neurons[h]
+            if count is None and neurons.n_free == 0 or count is not None and count > neurons.n_free:
+                raise ValueError(f"selected_neurons[{h}]={count} exceeds the {neurons.n_free} free neurons left "
+                                 f"in hidden layer {h} before task {state.task}")
+            if count is not None:
+                ids = neurons.sample_free(count, self.rng)
+            elif not neurons.dense:  # every free neuron, also those without a slot yet
+                ids = np.setdiff1d(np.arange(neurons.width), neurons.slot_ids[neurons.reserved_by != FREE])
+            else:
+                continue
+            state.selected[position] = np.sort(neurons.slots_for(ids))
         for layer in model.layers:
             layer.resize_to_indices()
         for l, layer in enumerate(model.layers):
@@ -139,7 +159,7 @@ class SpaceNet(Learner):
         return state
 
     def _allocate_layer(self, l, layer, state):
-        rows, cols = state.selected[l + 1], state.selected[l]
+        rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
         count = self.config.connection_count(l, layer.in_index.width, layer.out_index.width)
         free_positions = np.flatnonzero(self._free_block(layer, rows, cols))
         if count > free_positions.size:
@@ -178,7 +198,8 @@ class SpaceNet(Learner):
             self.trainable, self.bias_trainable = [], []
             return
         self.trainable = [layer.connections_of(state.task) for layer in self.model.layers]
-        self.bias_trainable = [(n.reserved_by == FREE).astype(np.float32) for n in self.model.neurons[1:-1]]
+        self.bias_trainable = [(layer.out_index.reserved_by == FREE).astype(np.float32)
+                               for layer in self.model.layers[:-1]]
         out_mask = np.zeros(self.model.n_classes, dtype=np.float32)
         out_mask[state.classes] = 1.0
         self.bias_trainable.append(out_mask)
@@ -188,25 +209,27 @@ class SpaceNet(Learner):
     def neuron_importance(self, task):
         """Eq. 4 for every neuron layer: per slot, the sum of ``task``'s Omega over its ingoing connections.
 
-        The input layer uses outgoing connections. Returns a list of (slots,) float64, one per NeuronIndex.
+        Neuron layers without ingoing connections (the input, flattened features) use their outgoing ones.
+        Returns a list of (slots,) float64, one per NeuronIndex.
         """
-        layers = self.model.layers
-        first = layers[0]
-        mine = first.owner == task
-        importance = [kernels.segment_sum(first.importance[mine], first.indices[mine], first.in_index.n_slots)]
-        for layer in layers:
+        importance = [None] * len(self.model.neurons)
+        for layer in self.model.layers:
             mine = layer.owner == task
-            importance.append(kernels.segment_sum(layer.importance[mine], layer.rows[mine], layer.out_index.n_slots))
+            importance[layer.out_pos] = kernels.segment_sum(layer.importance[mine], layer.rows[mine],
+                                                            layer.out_index.n_slots)
+            if importance[layer.in_pos] is None:
+                importance[layer.in_pos] = kernels.segment_sum(layer.importance[mine], layer.indices[mine],
+                                                               layer.in_index.n_slots)
         return importance
 
     def rewire(self, state):
         """Drop the fraction r of least important connections per layer, then grow as many where G is highest."""
         importance = self.neuron_importance(state.task)
-        for l, layer in enumerate(self.model.layers[:-1]):
-            rows, cols = state.selected[l + 1], state.selected[l]
+        for layer in self.model.layers[:-1]:
+            rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
             fresh = self._free_block(layer, rows, cols)
             dropped = self.drop(layer, state.task)
-            self.grow(layer, state.task, rows, cols, importance[l + 1], importance[l], fresh,
+            self.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], fresh,
                       self._free_block(layer, rows, cols), dropped.size)
         self.refresh_trainable(state)
 
@@ -236,16 +259,17 @@ class SpaceNet(Learner):
             refill = np.flatnonzero(empty & ~fresh)
             refill = refill[np.argsort(-score[refill], kind="stable")[:count - top.size]]
             top = np.concatenate([top, refill])
-        layer.add_connections(rows[top // cols.size], cols[top % cols.size], np.zeros(count, np.float32), task)
+        layer.add_connections(rows[top // cols.size], cols[top % cols.size],
+                              np.zeros(layer.weight_shape(count), np.float32), task)
 
     # ----- Algorithm 4 -----
     def reserve(self, state):
         """Neurons reservation: the ``spec`` most important selected neurons of each hidden layer leave the free list."""
         importance = self.neuron_importance(state.task)
-        for h, neurons in enumerate(self.model.neurons[1:-1]):
-            selected = state.selected[h + 1]
-            order = np.argsort(-importance[h + 1][selected], kind="stable")
-            neurons.reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
+        for h, position in enumerate(self.model.hidden_positions):
+            selected = state.selected[position]
+            order = np.argsort(-importance[position][selected], kind="stable")
+            self.model.neurons[position].reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
 
 
 

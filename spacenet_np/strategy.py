@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
-from .network import SparseMLP, softmax_cross_entropy, standardize_batch
+from .network import SparseNetwork, softmax_cross_entropy, standardize_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,7 +46,10 @@ class TaskState:
 
 
 class Learner:
-    """Learns tasks one after another on a ``SparseMLP`` with plain SGD (``config.lr``, ``config.batch_size``).
+    """Learns tasks one after another on a ``SparseNetwork`` with plain SGD (``config.lr``, ``config.batch_size``).
+
+    Pixels are standardized as ``(pixel / 255 - input_mean) / input_std``, with scalars or per-feature
+    (n_features,) statistics (per-channel statistics repeated over each channel's pixels).
 
     ``rng`` is the only source of randomness (allocation, shuffling), so a seed fixes every number.
     ``uses_neuron_selection``: whether the method reads ``config.selected_neurons``/``reserved_neurons`` (only then
@@ -57,15 +60,12 @@ class Learner:
     uses_neuron_selection = False
     OPTIONS = ()  # constructor options beyond (model, config, seed, input_mean, input_std)
 
-    def __init__(self, model: SparseMLP, config, seed=0, input_mean=0.0, input_std=1.0):
+    def __init__(self, model: SparseNetwork, config, seed=0, input_mean=0.0, input_std=1.0):
         config.validate(model, neuron_selection=self.uses_neuron_selection)
-        if not (np.isfinite(input_std) and input_std > 0):
-            raise ValueError(f"input_std={input_std} must be a positive finite number")
         self.model = model
         self.config = config
         self.rng = np.random.default_rng(seed)
-        self.input_mean = float(input_mean)
-        self.input_std = float(input_std)
+        self.input_mean, self.input_std = input_statistics(input_mean, input_std, model.n_features)
         self.tasks_learned = 0
         self.trainable = []
         self.bias_trainable = []
@@ -133,6 +133,7 @@ class Learner:
         """One epoch of SGD over ``images`` (n, n_features) and ``labels`` (n,) in a random order, on
         ``self.trainable``. Calls ``on_batch(epoch, batch_index, n_batches, loss)`` after each batch."""
         batch_size = self.config.batch_size
+        self.epoch_size = images.shape[0]
         order = self.rng.permutation(images.shape[0])
         n_batches = -(-order.size // batch_size)
         for batch, start in enumerate(range(0, order.size, batch_size)):
@@ -161,31 +162,36 @@ class Learner:
         """SGD on layer ``l``'s trainable connections (accumulating Omega, Eq. 3) and trainable biases."""
         layer = self.model.layers[l]
         connections = self.trainable[l]
-        grad = self.weight_grad(l, connections, delta, inputs)
-        kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * 64)
-        kernel(connections, grad, np.float32(self.config.lr), layer.weights, layer.importance)
+        layer.sgd_step(connections, self.weight_grad(l, connections, delta, inputs), self.config.lr)
         layer.bias[:] -= self.config.lr * self.bias_grad(l, delta) * self.bias_trainable[l]
 
     def weight_grad(self, l, connections, delta, inputs):
-        """dL/dW of layer ``l`` at ``connections`` (m,) float32; methods add penalty gradients here."""
+        """dL/dW of layer ``l`` at ``connections``: (m,) float32, or (m, 9) for a convolution; methods add penalty
+        gradients here."""
         return self.model.layers[l].weight_grad(connections, delta, inputs)
 
     def bias_grad(self, l, delta):
-        """dL/db of layer ``l`` from its delta (out slots, batch). Returns (out slots,) float32; methods add penalty
-        gradients here."""
-        return delta.sum(axis=1)
+        """dL/db of layer ``l`` from its delta (out slots, batch), or (out maps, H, W, batch). Returns (out slots,)
+        float32; methods add penalty gradients here."""
+        return delta.reshape(delta.shape[0], -1).sum(axis=1)
 
     def init_weights(self, layer, rows, cols, count):
         """``count`` Xavier-uniform weights for new connections of ``layer`` between the slots ``rows`` x ``cols``.
 
-        The bound comes from the full layer shape (``config.init_fan == "layer"``) or from the ``rows`` x ``cols``
-        block (``"selected"``). Draws from ``self.rng``. Returns (count,) float32.
+        The bound comes from the full layer shape (``config.init_fan == "layer"``), from the ``rows`` x ``cols``
+        block (``"selected"``), or from the average number of new connections per neuron (``"connections"``,
+        which keeps the scale of a neuron's input independent of the density); a convolution's fans count its
+        kernels' taps too. Draws from ``self.rng``.
+        Returns (count,) float32, or (count, taps) for a convolution.
         """
+        taps = layer.taps
         if self.config.init_fan == "layer":
-            bound = xavier_bound(layer.in_index.width, layer.out_index.width)
-        else:
-            bound = xavier_bound(cols.size, rows.size)
-        return self.rng.uniform(-bound, bound, size=count).astype(np.float32)
+            bound = xavier_bound(layer.in_index.width * taps, layer.out_index.width * taps)
+        elif self.config.init_fan == "selected":
+            bound = xavier_bound(cols.size * taps, rows.size * taps)
+        else:  # "connections": the average fan-in and fan-out of the new sparse connections
+            bound = xavier_bound(count / rows.size * taps, count / cols.size * taps)
+        return self.rng.uniform(-bound, bound, size=layer.weight_shape(count)).astype(np.float32)
 
     # ----- method state, for checkpoints -----
     def extra_options(self):
@@ -228,6 +234,24 @@ class Learner:
             raise ValueError(f"labels contain {np.unique(labels[outside]).tolist()}, outside the task's classes "
                              f"{classes.tolist()}")
         return classes
+
+
+def input_statistics(mean, std, n_features):
+    """Validated standardization statistics: two floats, or two read-only (n_features,) float64 arrays."""
+    if np.ndim(mean) == 0 and np.ndim(std) == 0:
+        mean, std = float(mean), float(std)
+    else:
+        mean, std = (np.array(np.broadcast_to(v, (n_features,)), np.float64) if np.ndim(v) <= 1 and
+                     np.size(v) in (1, n_features) else None for v in (mean, std))
+        if mean is None or std is None:
+            raise ValueError(f"input_mean and input_std must be scalars or have {n_features} values (one per "
+                             f"feature)")
+        mean.flags.writeable = std.flags.writeable = False
+    if not np.all(np.isfinite(mean)):
+        raise ValueError(f"input_mean must be finite, got {mean}")
+    if not np.all(np.isfinite(std) & (np.asarray(std) > 0)):
+        raise ValueError(f"input_std={std} must be a positive finite number")
+    return mean, std
 
 
 def xavier_bound(fan_in, fan_out):

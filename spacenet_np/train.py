@@ -16,11 +16,15 @@ import numpy as np
 from . import checkpoint, metrics
 from .fileio import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
-from .network import SparseMLP
+from .network import SparseCNN, SparseMLP
 from .recorder import Recorder, probe_set
-from .spacenet import SpaceNetConfig
+from .spacenet import INIT_FANS, SpaceNetConfig
 from .strategy import TrainingDiverged
 from .streams import STREAMS, get_stream
+
+
+CNN_TASKS = ("split_cifar10", "cifar10_100")
+CNN_WIDTHS = {"standard": (32, 32, 64, 64), "wide": (64, 64, 128, 128)}
 
 
 def build_parser():
@@ -30,20 +34,29 @@ def build_parser():
     p.add_argument("--task", choices=sorted(STREAMS), help="task stream (required unless --resume)")
     p.add_argument("--method", default="spacenet", choices=sorted(METHODS), help="continual-learning method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per task")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
+    p.add_argument("--arch", default="auto", choices=["auto", "mlp", "cnn"],
+                   help="network: auto is the paper's CNN for the CIFAR streams and the MLP otherwise")
+    p.add_argument("--width", default="standard", choices=sorted(CNN_WIDTHS),
+                   help="CNN feature maps: standard 32-32-64-64 or wide 64-64-128-128")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: MLP 4, CNN 20)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: MLP 0.01, CNN 0.1)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--hidden", type=int, nargs="+", default=[400, 400], help="hidden layer widths")
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="fully connected hidden layer widths (default: MLP 400 400, CNN 512)")
     p.add_argument("--connections", type=float, nargs="+", default=None,
-                   help="connections per task per layer: counts (>= 1) or densities of the full layer (< 1); "
-                        "default 10000 1640 80, the middle value repeated for extra hidden layers")
-    p.add_argument("--selected", type=int, nargs="+", default=None,
-                   help="selected neurons per task per hidden layer (default 80 each)")
+                   help="connections (CNN: kernels) per task per layer: counts (>= 1) or densities of the full "
+                        "layer (< 1); default MLP 10000 1640 80 (the middle value repeated for extra hidden "
+                        "layers), CNN 0.12 for every layer")
+    p.add_argument("--selected", type=selection, nargs="+", default=None,
+                   help="selected neurons (CNN: maps) per task per hidden layer, or 'all' for every free one "
+                        "(default: MLP 80 each, CNN all)")
     p.add_argument("--reserved", type=int, nargs="+", default=None,
-                   help="reserved neurons per task per hidden layer (default 40 each)")
+                   help="reserved neurons (CNN: maps) per task per hidden layer (default: MLP 40 each, CNN "
+                        "2 2 5 6 30)")
     p.add_argument("--rewire-ratio", type=float, default=defaults.rewire_ratio, help="fraction r rewired per epoch")
-    p.add_argument("--init-fan", default="layer", choices=["layer", "selected"],
-                   help="Xavier bound from the full layer shape (paper) or from the selected-neuron block")
+    p.add_argument("--init-fan", default=None, choices=list(INIT_FANS),
+                   help="Xavier bound from the full layer shape (paper; the MLP default), the selected-neuron "
+                        "block, or the average new connections per neuron (the CNN default)")
     p.add_argument("--replay-per-task", type=int, default=None,
                    help="rehearsal: samples kept per old task (default: all of them, as in the paper)")
     p.add_argument("--ewc-lambda", type=float, default=5000.0, help="ewc: penalty strength")
@@ -58,38 +71,76 @@ def build_parser():
     return p
 
 
+def selection(text):
+    """``--selected`` values: a positive int, or 'all' (None: every free neuron)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor 'all'") from None
+
+
+def architecture(args):
+    """'cnn' or 'mlp' for the parsed arguments."""
+    if args.arch != "auto":
+        return args.arch
+    return "cnn" if args.task in CNN_TASKS else "mlp"
+
+
+def hidden_widths(args):
+    return args.hidden or ([512] if architecture(args) == "cnn" else [400, 400])
+
+
+def build_model(stream, args):
+    """The network for ``stream``: the paper's CNN (Sec. 5.3.1) or the MLP (Sec. 5.1)."""
+    if architecture(args) == "cnn":
+        if stream.image_shape is None:
+            raise SystemExit(f"error: --arch cnn needs images; {stream.name} has no image shape")
+        return SparseCNN(stream.image_shape, CNN_WIDTHS[args.width], hidden_widths(args), stream.n_classes)
+    return SparseMLP(stream.n_features, hidden_widths(args), stream.n_classes)
+
+
 def config_from_args(args):
-    """A ``SpaceNetConfig`` from the parsed arguments, with the paper's values for what is not given."""
-    n_hidden = len(args.hidden)
-    if args.connections is None:
-        connections = [10000] + [1640] * (n_hidden - 1) + [80]
+    """A ``SpaceNetConfig`` from the parsed arguments, with the paper's values for what is not given: Sec. 5.1
+    for the MLP, Sec. 5.3.1 for the CNN (lr 0.1, 20 epochs, 12 % of every layer per task, every free map
+    selected, 2 2 5 6 30 reserved; Xavier bounds from the connections per neuron, see ``SpaceNetConfig``)."""
+    n_hidden = len(hidden_widths(args))
+    if architecture(args) == "cnn":
+        n_conv = len(CNN_WIDTHS[args.width])
+        connections, selected = [0.12] * (n_conv + n_hidden + 1), [None] * (n_conv + n_hidden)
+        reserved = ([2, 2, 5, 6] + [30] * n_hidden) if n_conv == 4 else None
+        epochs, lr, init_fan = 20, 0.1, "connections"
     else:
+        connections = [10000] + [1640] * (n_hidden - 1) + [80]
+        selected, reserved, epochs, lr, init_fan = [80] * n_hidden, [40] * n_hidden, 4, 0.01, "layer"
+    if args.connections is not None:
         connections = [int(c) if c >= 1 else float(c) for c in args.connections]
     return SpaceNetConfig(
         connections_per_task=tuple(connections),
-        selected_neurons=tuple(args.selected or [80] * n_hidden),
-        reserved_neurons=tuple(args.reserved or [40] * n_hidden),
-        rewire_ratio=args.rewire_ratio, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        init_fan=args.init_fan)
+        selected_neurons=tuple(args.selected or selected),
+        reserved_neurons=tuple(args.reserved or reserved),
+        rewire_ratio=args.rewire_ratio, epochs=args.epochs or epochs, batch_size=args.batch_size,
+        lr=args.lr or lr, init_fan=args.init_fan or init_fan)
 
 
 class Progress:
-    """A tqdm bar per epoch and a line per task; silent when ``quiet``."""
+    """A tqdm bar per epoch (images/s and the epoch's ETA) and a line per task; silent when ``quiet``."""
 
     def __init__(self, quiet, n_tasks, epochs):
         self.quiet, self.n_tasks, self.epochs = quiet, n_tasks, epochs
         self.bar = None
 
-    def start_epoch(self, task, epoch, n_batches):
+    def start_epoch(self, task, epoch, n_images):
         if self.quiet:
             return
         from tqdm import tqdm
-        self.bar = tqdm(total=n_batches, desc=f"task {task + 1}/{self.n_tasks} epoch {epoch + 1}/{self.epochs}",
-                        unit="batch", leave=False, mininterval=0.2, file=sys.stderr)
+        self.bar = tqdm(total=n_images, desc=f"task {task + 1}/{self.n_tasks} epoch {epoch + 1}/{self.epochs}",
+                        unit="img", unit_scale=True, leave=False, mininterval=0.5, file=sys.stderr)
 
-    def batch(self, loss):
+    def batch(self, loss, n_images):
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(n_images)
             if self.bar.n % 50 == 1:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
@@ -131,34 +182,45 @@ class RunFiles:
 
 
 def start_seed(stream, args, config, seed, files):
-    """A learner, its accuracy matrix so far, the time already spent and its recorder: fresh or resumed."""
+    """A learner, its accuracy matrix so far, the time already spent and its recorder (None for a CNN: the
+    snapshots for the report's figures describe MLPs): fresh or resumed."""
     probes = probe_set(stream.tasks)
     if args.resume and files.checkpoint(seed).exists():
         saved = checkpoint.load(files.checkpoint(seed))
         learner = checkpoint.restore_learner(saved, METHODS)
         snapshots = files.snapshots(seed)
-        recorder = Recorder.load(snapshots) if snapshots.exists() else Recorder(*probes)
-        recorder.probe_images, recorder.probe_labels = probes
+        recorder = None
+        if isinstance(learner.model, SparseMLP):
+            recorder = Recorder.load(snapshots) if snapshots.exists() else Recorder(*probes)
+            recorder.probe_images, recorder.probe_labels = probes
         return learner, saved.progress["accuracy_matrix"], saved.progress["wall_time_s"], recorder
-    model = SparseMLP(stream.n_features, args.hidden, stream.n_classes)
-    learner = METHODS[args.method](model, config, seed=seed, input_mean=stream.mean, input_std=stream.std,
+    mean, std = input_statistics(stream)
+    learner = METHODS[args.method](build_model(stream, args), config, seed=seed, input_mean=mean, input_std=std,
                                    **method_options(args, len(stream.tasks)))
-    return learner, [], 0.0, Recorder(*probes)
+    return learner, [], 0.0, Recorder(*probes) if isinstance(learner.model, SparseMLP) else None
+
+
+def input_statistics(stream):
+    """The stream's standardization: per feature (per channel) when it has it, else its scalar mean and std."""
+    if stream.feature_mean is not None:
+        return stream.feature_mean, stream.feature_std
+    return stream.mean, stream.std
 
 
 def run_seed(stream, args, config, seed, progress, files):
     """Train one model over the whole stream (or what is left of it). Returns the run's entry of results.json."""
     start = time.perf_counter()
     learner, matrix, time_before, recorder = start_seed(stream, args, config, seed, files)
-    learner.observers.append(recorder)
+    if recorder is not None:
+        learner.observers.append(recorder)
     for task in stream.tasks[learner.tasks_learned:]:
         task_start = time.perf_counter()
 
         def on_batch(epoch, batch, n_batches, loss):  # n_batches: of what the method trains on (replay included)
             if batch == 0:
                 progress.end_epoch()
-                progress.start_epoch(task.index, epoch, n_batches)
-            progress.batch(loss)
+                progress.start_epoch(task.index, epoch, learner.epoch_size)
+            progress.batch(loss, min(config.batch_size, learner.epoch_size - batch * config.batch_size))
 
         try:
             learner.learn(task.x_train, task.y_train, task.classes, on_batch=on_batch)
@@ -166,13 +228,14 @@ def run_seed(stream, args, config, seed, progress, files):
             progress.end_epoch()
         matrix.append(metrics.evaluate_tasks(learner.predict, stream.tasks[:task.index + 1]))
         if args.checkpoint_every == "task":
-            recorder.save(files.snapshots(seed))
+            if recorder is not None:
+                recorder.save(files.snapshots(seed))
             checkpoint.save_learner(files.checkpoint(seed), learner, {
                 "seed": seed, "accuracy_matrix": matrix, "wall_time_s": time_before + time.perf_counter() - start})
         progress.line(f"seed {seed} task {task.index + 1}/{len(stream.tasks)} classes {list(task.classes)} "
                       f"({time.perf_counter() - task_start:.1f} s): accuracy "
                       + " ".join(f"{a:.2f}" for a in matrix[-1]) + f" | average {np.mean(matrix[-1]):.2f}")
-    if args.checkpoint_every != "task":
+    if args.checkpoint_every != "task" and recorder is not None:
         recorder.save(files.snapshots(seed))
     size = metrics.model_size(learner.model)
     return {
@@ -181,7 +244,7 @@ def run_seed(stream, args, config, seed, progress, files):
         **metrics.run_metrics(matrix),
         "wall_time_s": time_before + time.perf_counter() - start,
         "connections_per_layer": learner.model.connection_counts(),
-        "free_neurons_per_layer": [n.n_free for n in learner.model.neurons[1:-1]],
+        "free_neurons_per_layer": [learner.model.neurons[p].n_free for p in learner.model.hidden_positions],
         "parameter_count": size["parameters"],
         "model_size_bytes": size["bytes"],
     }
@@ -234,8 +297,7 @@ def main(argv=None):
     config = config_from_args(args)
     stream = get_stream(args.task, args.data_dir)
     try:
-        config.validate(SparseMLP(stream.n_features, args.hidden, stream.n_classes),
-                        neuron_selection=METHODS[args.method].uses_neuron_selection)
+        config.validate(build_model(stream, args), neuron_selection=METHODS[args.method].uses_neuron_selection)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     files = RunFiles(args.out or f"runs/{args.task}-{args.method}")
@@ -260,7 +322,8 @@ def main(argv=None):
     results = {
         "task": args.task,
         "method": args.method,
-        "config": {**config.to_dict(), "hidden": list(args.hidden), "seeds": list(args.seeds),
+        "config": {**config.to_dict(), "architecture": build_model(stream, args).spec(),
+                   "hidden": hidden_widths(args), "seeds": list(args.seeds),
                    "method_options": method_options(args, len(stream.tasks)),
                    "input_mean": stream.mean, "input_std": stream.std},
         "runs": runs,

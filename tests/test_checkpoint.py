@@ -134,7 +134,7 @@ def test_file_is_a_plain_npz_without_pickles(tmp_path, tasks):
         assert "meta" in npz.files and "layers.0.data" in npz.files and "known_classes" in npz.files
         assert all(npz[name].dtype != object for name in npz.files)
     trailer = path.read_bytes()[-111:]  # the zip comment ends the file
-    assert trailer.startswith(b"spacenet_np.checkpoint format_version=1 sha256=")
+    assert trailer.startswith(b"spacenet_np.checkpoint format_version=2 sha256=")
 
 
 @pytest.mark.parametrize("cls", METHODS)
@@ -485,8 +485,10 @@ def test_inconsistent_contents_are_refused(tmp_path, saved):
     for name, update in cases.items():
         path = rewrite(saved[0], tmp_path / f"{name}.npz", arrays_update=update)
         assert "inconsistent checkpoint contents" in refused(path), name
-    path = rewrite(saved[0], tmp_path / "sizes.npz", model={**meta["model"], "sizes": [16, 41, 8]})
-    refused(path, "inconsistent")
+    other = {**meta["model"], "architecture": {"kind": "mlp", "sizes": [16, 41, 8]}}
+    refused(rewrite(saved[0], tmp_path / "sizes.npz", model=other), "inconsistent")
+    unknown = {**meta["model"], "architecture": {"kind": "transformer"}}
+    refused(rewrite(saved[0], tmp_path / "kind.npz", model=unknown), "inconsistent")
 
 
 # ----- atomic writes -----

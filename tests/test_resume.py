@@ -42,10 +42,10 @@ def test_interrupted_run_resumes_to_identical_results(data_dir, tmp_path, monkey
             saved["seed1_tasks"] = learner.tasks_learned
         return original_save(path, learner, progress)
 
-    def interrupt_in_task_4_of_seed_1(self, loss):
+    def interrupt_in_task_4_of_seed_1(self, loss, n_images):
         if saved["seed1_tasks"] == 3:
             raise KeyboardInterrupt
-        original_batch(self, loss)
+        original_batch(self, loss, n_images)
 
     monkeypatch.setattr(checkpoint, "save_learner", counting_save)
     monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_4_of_seed_1)
