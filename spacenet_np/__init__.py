@@ -9,15 +9,20 @@ A notebook needs only this::
     for task in stream.tasks:
         learner.learn(task.x_train, task.y_train, task.classes)
     predictions = learner.predict(stream.tasks[0].x_test)
+
+The paper's CNN for the CIFAR streams is ``SparseCNN(stream.image_shape, (32, 32, 64, 64), (512,),
+stream.n_classes)`` with per-channel statistics ``input_mean=stream.feature_mean, input_std=stream.feature_std``
+(see ``python -m spacenet_np.train --task split_cifar10`` for its configuration).
 """
 from .checkpoint import CheckpointError, load, predict_from_checkpoint, restore_learner, save_learner, save_model
 from .methods import EWC, METHODS, FineTune, Joint, SpaceNetRehearsal
 from .metrics import average_forgetting, backward_transfer, evaluate_tasks, final_average_accuracy
-from .network import SparseMLP
+from .network import SparseCNN, SparseMLP, build_network
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, TrainingDiverged, predict
 from .streams import get_stream
 
 __all__ = ["load", "save_model", "save_learner", "restore_learner", "predict_from_checkpoint", "CheckpointError",
-           "METHODS", "SpaceNetRehearsal", "FineTune", "Joint", "EWC", "SparseMLP", "SpaceNet", "SpaceNetConfig", "StaticSparseNN", "TrainingDiverged", "predict",
+           "METHODS", "SpaceNetRehearsal", "FineTune", "Joint", "EWC", "SparseMLP", "SparseCNN", "build_network",
+           "SpaceNet", "SpaceNetConfig", "StaticSparseNN", "TrainingDiverged", "predict",
            "get_stream", "evaluate_tasks", "final_average_accuracy", "backward_transfer", "average_forgetting"]
 __version__ = "0.1.0"

@@ -278,6 +278,9 @@ class SparseConv2d(SparseLinear):
 
     def __init__(self, in_index, out_index, height, width):
         self.height, self.width = int(height), int(width)
+        if self.height < 1 or self.width < 2:
+            raise ValueError(f"a 3 x 3 convolution needs maps of height >= 1 and width >= 2, got "
+                             f"{self.height} x {self.width}")
         self.force_path = None
         self._cols = None  # (source x, im2col of x) of the last dense forward pass, reused by weight_grad
         super().__init__(in_index, out_index)
@@ -316,9 +319,8 @@ class SparseConv2d(SparseLinear):
             kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), _rows(out), x.shape[3], relu)
             return out
         cols = self._im2col(x)
-        self._dense = self.dense_weights()
         flat = out.reshape(out.shape[0], -1)
-        np.matmul(self._dense, cols.reshape(cols.shape[0], -1), out=flat)
+        np.matmul(self.dense_weights(), cols.reshape(cols.shape[0], -1), out=flat)
         kernels.pick(kernels.add_bias, flat.size)(flat, self.bias, relu)
         return out
 
@@ -344,9 +346,8 @@ class SparseConv2d(SparseLinear):
             kernel(self.col_ptr, self.col_order, self.rows, self.weights, _rows(delta), _rows(input_activation),
                    _rows(out), delta.shape[3])
             return out
-        dense = self._dense if self._cols is not None else self.dense_weights()
         cols = self._workspace("grad_cols", (9 * out.shape[0],) + out.shape[1:])
-        np.matmul(dense.T, delta.reshape(delta.shape[0], -1), out=cols.reshape(cols.shape[0], -1))
+        np.matmul(self.dense_weights().T, delta.reshape(delta.shape[0], -1), out=cols.reshape(cols.shape[0], -1))
         kernels.pick(kernels.col2im, cols.size)(cols, input_activation, out)
         return out
 
@@ -370,7 +371,8 @@ class SparseConv2d(SparseLinear):
         kernel(connections, grad, np.float32(lr), self.weights, self.importance)
 
     def to_scipy(self):
-        """The kernels over map ids: a ``bsr_array`` of shape (out maps, 9 * in maps) with (1, 9) blocks."""
+        """The kernels over map slots (the map ids: ``SparseCNN`` indexes maps densely): a ``bsr_array`` of shape
+        (out maps, 9 * in maps) with (1, 9) blocks, a copy."""
         return self.W.copy()
 
 

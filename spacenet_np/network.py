@@ -363,11 +363,13 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
 
 
 def feature_affine(mean, std):
-    """Per-feature ``scale = 1 / (255 std)`` and ``shift = -mean / std`` (float32), cached for the last statistics."""
-    key = (id(mean), id(std))
-    if _affine_cache.get("key") != key:
-        _affine_cache.update(key=key, mean=mean, std=std, value=(
-            (1.0 / (255.0 * np.asarray(std))).astype(np.float32), (-np.asarray(mean) / np.asarray(std)).astype(np.float32)))
+    """Per-feature ``scale = 1 / (255 std)`` and ``shift = -mean / std`` (float32), cached for the last statistics
+    (compared by value, so arrays changed in place are not served stale)."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    cached = _affine_cache.get("stats")
+    if cached is None or not (np.array_equal(cached[0], mean) and np.array_equal(cached[1], std)):
+        _affine_cache.update(stats=(mean.copy(), std.copy()), value=(
+            (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)))
     return _affine_cache["value"]
 
 

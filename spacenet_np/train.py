@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, metrics
+from .data import DataError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .network import SparseCNN, SparseMLP
@@ -295,7 +296,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = config_from_args(args)
-    stream = get_stream(args.task, args.data_dir)
+    try:
+        stream = get_stream(args.task, args.data_dir)
+    except (DataError, OSError) as err:  # missing, corrupt or unreachable data: the message says what and where
+        raise SystemExit(f"error: {err}")
     try:
         config.validate(build_model(stream, args), neuron_selection=METHODS[args.method].uses_neuron_selection)
     except ValueError as err:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from spacenet_np.network import SparseMLP, softmax_cross_entropy
@@ -107,7 +107,7 @@ def test_weight_and_bias_gradients_match_finite_differences(seed):
         numeric_b = [central_difference(model, x, labels, layer.bias, i) for i in range(layer.bias.size)]
         assert_close_to_finite_differences(bias_grads[l], numeric_b)
         n_checked += np.count_nonzero(np.abs(numeric_w) > 1e-3)
-    assert n_checked > 0, "test setup: every gradient was ~0"
+    assume(n_checked > 0)  # a rare draw where every path to the output is dead checks nothing: draw again
 
 
 @settings(max_examples=4, deadline=None)

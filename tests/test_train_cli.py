@@ -67,5 +67,5 @@ def test_later_impossible_allocation_is_reported(data_dir, tmp_path, capsys):
 
 def test_missing_data_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr("spacenet_np.data.MIRRORS", {"mnist": [], "fashion-mnist": []})
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(SystemExit, match="error: .*train-images-idx3-ubyte.gz"):
         run_cli(tmp_path / "empty", tmp_path / "out")
