@@ -36,8 +36,9 @@ class SpaceNetConfig:
     ``connections_per_task[l]`` is the number of connections (kernels, in a convolution) a task allocates in layer
     ``l`` (an int), or a fraction of that layer's full ``fan_in * fan_out`` (a float in (0, 1)).
     ``selected_neurons[h]`` and ``reserved_neurons[h]`` are ``sel_l^t`` and ``spec_l^t`` for hidden layer ``h``
-    (``model.hidden_positions[h]``); ``selected_neurons[h] = None`` selects every free neuron (the paper's CNN
-    setting, where every free feature map is selected). ``init_fan`` sets the
+    (``model.hidden_positions[h]``); ``selected_neurons[h] = None`` selects every neuron of the layer (the paper's
+    CNN setting, where every feature map is selected: reserved maps receive no new connections but feed the next
+    layer). ``init_fan`` sets the
     Xavier-uniform bound of new connections: ``"layer"`` uses the full layer shape (paper, official code);
     ``"selected"`` uses the selected-neuron block, which keeps the scale of a neuron's input independent of the
     layer width when the per-task budget is fixed (for very wide layers); ``"connections"`` uses the average
@@ -135,7 +136,12 @@ class SpaceNet(Learner):
 
     # ----- Algorithm 2 -----
     def allocate(self, classes):
-        """Connections allocation: select free neurons, then place random connections between them."""
+        """Connections allocation: select neurons, then place random connections between them.
+
+        ``selected_neurons[h]`` free neurons are drawn at random (Algorithm 2); ``None`` selects every neuron of
+        the layer (the paper's CNN, Sec. 5.3.1). New connections go only into free selected neurons (see
+        ``targets``); reserved ones may still feed the next layer.
+        """
         model, cfg = self.model, self.config
         state = TaskState(task=self.tasks_learned, classes=classes)
         state.selected = [neurons.free_slots() for neurons in model.neurons[:-1]]  # the input: every feature
@@ -145,12 +151,7 @@ class SpaceNet(Learner):
             if count is None and neurons.n_free == 0 or count is not None and count > neurons.n_free:
                 raise ValueError(f"selected_neurons[{h}]={count} exceeds the {neurons.n_free} free neurons left "
                                  f"in hidden layer {h} before task {state.task}")
-            if count is not None:
-                ids = neurons.sample_free(count, self.rng)
-            elif not neurons.dense:  # every free neuron, also those without a slot yet
-                ids = np.setdiff1d(np.arange(neurons.width), neurons.slot_ids[neurons.reserved_by != FREE])
-            else:
-                continue
+            ids = np.arange(neurons.width) if count is None else neurons.sample_free(count, self.rng)
             state.selected[position] = np.sort(neurons.slots_for(ids))
         for layer in model.layers:
             layer.resize_to_indices()
@@ -159,7 +160,7 @@ class SpaceNet(Learner):
         return state
 
     def _allocate_layer(self, l, layer, state):
-        rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
+        rows, cols = self.targets(state, layer), state.selected[layer.in_pos]
         count = self.config.connection_count(l, layer.in_index.width, layer.out_index.width)
         free_positions = np.flatnonzero(self._free_block(layer, rows, cols))
         if count > free_positions.size:
@@ -168,6 +169,13 @@ class SpaceNet(Learner):
         chosen = np.sort(self.rng.choice(free_positions, size=count, replace=False))
         weights = self.init_weights(layer, rows, cols, count)
         layer.add_connections(rows[chosen // cols.size], cols[chosen % cols.size], weights, state.task)
+
+    def targets(self, state, layer=None, position=None):
+        """The selected neurons that may receive new connections: the free ones among ``state.selected`` of
+        ``layer``'s output (or of neuron layer ``position``). Returns (k,) sorted slots."""
+        position = layer.out_pos if position is None else position
+        selected = state.selected[position]
+        return selected[self.model.neurons[position].reserved_by[selected] == FREE]
 
     @staticmethod
     def _free_block(layer, rows, cols):
@@ -226,7 +234,7 @@ class SpaceNet(Learner):
         """Drop the fraction r of least important connections per layer, then grow as many where G is highest."""
         importance = self.neuron_importance(state.task)
         for layer in self.model.layers[:-1]:
-            rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
+            rows, cols = self.targets(state, layer), state.selected[layer.in_pos]
             fresh = self._free_block(layer, rows, cols)
             dropped = self.drop(layer, state.task)
             self.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], fresh,
@@ -267,7 +275,7 @@ class SpaceNet(Learner):
         """Neurons reservation: the ``spec`` most important selected neurons of each hidden layer leave the free list."""
         importance = self.neuron_importance(state.task)
         for h, position in enumerate(self.model.hidden_positions):
-            selected = state.selected[position]
+            selected = self.targets(state, position=position)
             order = np.argsort(-importance[position][selected], kind="stable")
             self.model.neurons[position].reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
 

@@ -49,7 +49,7 @@ def build_parser():
                         "layer (< 1); default MLP 10000 1640 80 (the middle value repeated for extra hidden "
                         "layers), CNN 0.12 for every layer")
     p.add_argument("--selected", type=selection, nargs="+", default=None,
-                   help="selected neurons (CNN: maps) per task per hidden layer, or 'all' for every free one "
+                   help="selected neurons (CNN: maps) per task per hidden layer, or 'all' for every one (reserved ones only as inputs) "
                         "(default: MLP 80 each, CNN all)")
     p.add_argument("--reserved", type=int, nargs="+", default=None,
                    help="reserved neurons (CNN: maps) per task per hidden layer (default: MLP 40 each, CNN "
@@ -73,7 +73,7 @@ def build_parser():
 
 
 def selection(text):
-    """``--selected`` values: a positive int, or 'all' (None: every free neuron)."""
+    """``--selected`` values: a positive int, or 'all' (None: every neuron)."""
     if text == "all":
         return None
     try:
@@ -104,7 +104,7 @@ def build_model(stream, args):
 
 def config_from_args(args):
     """A ``SpaceNetConfig`` from the parsed arguments, with the paper's values for what is not given: Sec. 5.1
-    for the MLP, Sec. 5.3.1 for the CNN (lr 0.1, 20 epochs, 12 % of every layer per task, every free map
+    for the MLP, Sec. 5.3.1 for the CNN (lr 0.1, 20 epochs, 12 % of every layer per task, every map
     selected, 2 2 5 6 30 reserved; Xavier bounds from the connections per neuron, see ``SpaceNetConfig``)."""
     n_hidden = len(hidden_widths(args))
     if architecture(args) == "cnn":

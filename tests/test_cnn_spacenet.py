@@ -189,8 +189,9 @@ def test_allocation_places_whole_kernels_only_into_free_maps(setup):
         before = [positions(layer) for layer in model.layers]
         state = allocate(classes)
         t = state.task
-        for position in model.hidden_positions:  # selected_neurons None: every free map / neuron
-            assert np.array_equal(state.selected[position], np.flatnonzero(free_before[position]))
+        for position in model.hidden_positions:  # selected_neurons None: every map / neuron (Sec. 5.3.1)
+            assert np.array_equal(state.selected[position], np.arange(model.neurons[position].width))
+            assert np.array_equal(sn.targets(state, position=position), np.flatnonzero(free_before[position]))
         for l, layer in enumerate(model.layers):
             k = layer.connections_of(t)
             count = expected_count(cfg, l, layer)
@@ -203,7 +204,7 @@ def test_allocation_places_whole_kernels_only_into_free_maps(setup):
                 assert np.all(free_before[layer.out_pos][rows]), f"layer {l}: a kernel into a reserved map"
             else:
                 assert np.all(np.isin(rows, state.classes)), "output connections go into the task's classes"
-            assert np.all(free_before[layer.in_pos][cols]), f"layer {l}: a connection from a reserved map"
+            assert np.all(np.isin(cols, state.selected[layer.in_pos])), f"layer {l}: an unselected input"
             assert np.all(layer.importance[k] == 0.0)
             taps = TAPS if is_conv(layer) else 1
             if is_conv(layer):
@@ -211,7 +212,8 @@ def test_allocation_places_whole_kernels_only_into_free_maps(setup):
                 assert layer.weights[k].shape == (count, TAPS)
                 assert np.all(layer.weights[k] != 0.0), "every new kernel has nine live weights"
             # Xavier-uniform over the kernels' taps.
-            n_rows, n_cols = state.selected[layer.out_pos].size, state.selected[layer.in_pos].size
+            n_rows = state.classes.size if l == last else int(free_before[layer.out_pos].sum())
+            n_cols = state.selected[layer.in_pos].size
             fans = {"layer": (layer.in_index.width * taps, layer.out_index.width * taps),
                     "selected": (n_cols * taps, n_rows * taps),
                     "connections": (count / n_rows * taps, count / n_cols * taps)}[cfg.init_fan]
@@ -297,13 +299,13 @@ def test_rewire_drops_and_grows_whole_kernels(setup):
             zero = np.zeros(TAPS if is_conv(layer) else 1, np.float32).tobytes()
             for key in grown:
                 assert after[key][1] == zero and after[key][2] == 0.0, "a grown kernel is all zero, Omega 0"
-            # Inside the block of free maps; fresh positions (empty before the drop) first, best a_out * a_in.
-            rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
+            # Into free maps, from any selected map (every map: reserved ones feed the next layer); fresh
+            # positions (empty before the drop) first, best a_out * a_in.
+            rows, cols = sn.targets(state, layer), state.selected[layer.in_pos]
             grown_rows = np.array([r for r, _ in grown], dtype=np.int64)
             grown_cols = np.array([c for _, c in grown], dtype=np.int64)
             assert np.all(np.isin(grown_rows, rows)) and np.all(np.isin(grown_cols, cols))
             assert np.all(model.neurons[layer.out_pos].reserved_by[grown_rows] == FREE)
-            assert np.all(model.neurons[layer.in_pos].reserved_by[grown_cols] == FREE)
             fresh = {(int(r), int(c)) for r in rows for c in cols} - set(before[l])
             assert grown <= fresh | dropped
             grown_fresh = grown & fresh
@@ -477,8 +479,8 @@ def test_reservation_takes_the_most_important_selected_maps(setup):
         reserve(state)
         for h, position in enumerate(model.hidden_positions):
             neurons = model.neurons[position]
-            selected = state.selected[position]
-            assert np.array_equal(selected, np.flatnonzero(free_before[position]))
+            assert np.array_equal(state.selected[position], np.arange(neurons.width))  # every map is selected
+            selected = np.flatnonzero(free_before[position])  # reservation candidates: the free ones
             now = neurons.reserved_by[selected] == t
             assert np.count_nonzero(now) == cfg.reserved_neurons[h]
             assert np.count_nonzero(neurons.reserved_by == t) == cfg.reserved_neurons[h]
@@ -570,11 +572,10 @@ def test_old_kernels_reserved_maps_and_heads_are_untouched_by_later_tasks(setup,
         activations, frozen = frozen_activations(model, images)
         assert np.all(frozen[1] == (reserved[1] != FREE)), "reserved maps of the first convolution are frozen"
         for l, layer in enumerate(model.layers):
-            for task in range(t + 1):  # no task's connection touches a map an earlier task reserved
-                k = layer.connections_of(task)
+            for task in range(t + 1):  # no task's connection goes into a map an earlier task reserved
+                k = layer.connections_of(task)  # (reserved maps may feed later tasks: every map is selected)
                 if l < len(model.layers) - 1:
                     assert np.all(not_reserved_before(model.neurons[layer.out_pos], layer.rows[k], task))
-                assert np.all(not_reserved_before(model.neurons[layer.in_pos], layer.indices[k], task))
         for earlier, (old_tables, old_reserved, old_biases, old_outputs, old_activations, old_frozen) \
                 in enumerate(snapshots):
             for l, (old, new) in enumerate(zip(old_tables, tables)):
@@ -868,3 +869,27 @@ def test_cli_cnn_run_resumes_to_identical_results(cifar_dir, tmp_path, monkeypat
     monkeypatch.setattr(train.Progress, "batch", original_batch)
     assert train.main(["--resume", str(cut)]) == 0
     assert results_without_time(cut) == results_without_time(full)
+
+
+def test_cli_cifar10_100_trains_six_tasks_with_a_60_way_head(tmp_path, monkeypatch):
+    """CIFAR-10/100 (Zenke et al.): task 1 is CIFAR-10, tasks 2-6 are CIFAR-100 classes 0-49 as labels 10-59."""
+    from test_cifar import N100_TEST, N100_TRAIN, write_cifar100
+    monkeypatch.setitem(data.CIFAR_COUNTS, "cifar-10", {**{name: N10_BATCH for name in C10_TRAIN},
+                                                         "test_batch": N10_BATCH})
+    monkeypatch.setitem(data.CIFAR_COUNTS, "cifar-100", {"train": N100_TRAIN, "test": N100_TEST})
+    monkeypatch.setitem(data.MIRRORS, "cifar-10", [])
+    monkeypatch.setitem(data.MIRRORS, "cifar-100", [])
+    write_cifar10(tmp_path / "data")
+    write_cifar100(tmp_path / "data")
+    out = tmp_path / "out"
+    assert train.main(["--task", "cifar10_100", "--epochs", "1", "--batch-size", "16", "--data-dir",
+                       str(tmp_path / "data"), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["architecture"]["n_classes"] == 60
+    run, = results["runs"]
+    assert [len(row) for row in run["accuracy_matrix"]] == [1, 2, 3, 4, 5, 6]
+    ckpt = load(out / "checkpoints" / "seed0.ckpt")
+    assert ckpt.model.known_classes.tolist() == [True] * 60
+    output = ckpt.model.layers[-1]
+    assert set(np.unique(output.rows[output.owner == 0])) == set(range(10))  # task 1: the CIFAR-10 heads
+    assert set(np.unique(output.rows[output.owner == 5])) == set(range(50, 60))
