@@ -8,8 +8,8 @@ scattered into a dense matrix, col2im), in interleaved rounds in this process; b
 first layer (3 input channels) has no input gradient in training and is timed without it.
 
 The crossover of a layer is the lowest density at which the dense path is at least as fast. ``SparseConv2d``
-switches to the dense path at ``DENSE_MIN_DENSITY``; the report checks that the automatic choice is never slower
-than the faster path by more than the timing noise.
+switches to the dense path at ``DENSE_MIN_DENSITY`` (``FEW_MAPS_DENSE_MIN_DENSITY`` with few input maps); the
+report gives the cost of the automatic choice against the faster path (``auto / best``).
 
 Run: ``python -m benchmarks.conv_paths`` (a few minutes on 2 idle cores; ``--quick`` for a smoke run).
 """
@@ -119,7 +119,9 @@ def markdown(rows, cross, width, threshold):
              "Crossover (lowest measured density where dense is at least as fast): "
              + ", ".join(f"conv {l + 1}: " + (f"{d:.2f}" if d is not None else "never (up to 1.0)")
                          for l, d in cross.items()) + ".",
-             f"The engine switches to the dense path at density >= {threshold}."]
+             f"The engine switches to the dense path at density >= {threshold} (>= "
+             f"{SparseConv2d.FEW_MAPS_DENSE_MIN_DENSITY} in layers with fewer than {SparseConv2d.FEW_INPUT_MAPS} "
+             f"input maps); worst auto / best: {max(r['auto_over_best'] for r in rows):.2f}."]
     return "\n".join(lines)
 
 
@@ -138,6 +140,8 @@ def main(argv=None):
     name = "conv_paths" + ("" if args.width == "standard" else f"_{args.width}") + ("_quick" if args.quick else "")
     payload = {"width": args.width, "rows": rows, "crossover_density": {f"conv{l + 1}": d for l, d in cross.items()},
                "dense_min_density": SparseConv2d.DENSE_MIN_DENSITY,
+               "few_input_maps": SparseConv2d.FEW_INPUT_MAPS,
+               "few_maps_dense_min_density": SparseConv2d.FEW_MAPS_DENSE_MIN_DENSITY,
                "worst_auto_over_best": max(r["auto_over_best"] for r in rows)}
     write_results(name, payload, markdown(rows, cross, args.width, SparseConv2d.DENSE_MIN_DENSITY),
                   reproduce_command("conv_paths", argv), machine)

@@ -269,12 +269,15 @@ class SparseConv2d(SparseLinear):
     Two computation paths give the same result: direct sparse kernels whose cost is 9 multiply-adds per live
     kernel, pixel and sample, and a dense one (im2col, then one BLAS product with the weights scattered into a
     dense (out maps, 9 * in maps) matrix, a transient buffer of a few hundred KB at most). ``dense_path`` picks the
-    dense one when the kernel density reaches ``DENSE_MIN_DENSITY``, the crossover measured by
-    ``benchmarks/conv_paths.py``; ``force_path`` ("sparse" or "dense") overrides it for benchmarks and tests.
+    dense one when the kernel density reaches ``DENSE_MIN_DENSITY`` (``FEW_MAPS_DENSE_MIN_DENSITY`` for layers with
+    fewer than ``FEW_INPUT_MAPS`` input maps), the crossovers measured by ``benchmarks/conv_paths.py``;
+    ``force_path`` ("sparse" or "dense") overrides it for benchmarks and tests.
     """
 
     taps = 9
-    DENSE_MIN_DENSITY = 0.9
+    DENSE_MIN_DENSITY = 0.7  # measured crossover 0.6-0.75 for 32 and 64 input maps (benchmarks/results/conv_paths.md)
+    FEW_INPUT_MAPS = 8  # below this (the 3 image channels: a 27-long GEMM) im2col pays off only near full density
+    FEW_MAPS_DENSE_MIN_DENSITY = 0.95
 
     def __init__(self, in_index, out_index, height, width):
         self.height, self.width = int(height), int(width)
@@ -303,7 +306,9 @@ class SparseConv2d(SparseLinear):
         """Whether the dense im2col + BLAS path is the faster one at ``density`` (default: the layer's)."""
         if self.force_path is not None:
             return self.force_path == "dense"
-        return (self.density if density is None else density) >= self.DENSE_MIN_DENSITY
+        few_maps = self.in_index.n_slots < self.FEW_INPUT_MAPS
+        threshold = self.FEW_MAPS_DENSE_MIN_DENSITY if few_maps else self.DENSE_MIN_DENSITY
+        return (self.density if density is None else density) >= threshold
 
     def dense_weights(self):
         """The kernels scattered into a dense (out maps, 9 * in maps) float32 matrix, im2col's column order."""
