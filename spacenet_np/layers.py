@@ -286,6 +286,7 @@ class SparseConv2d(SparseLinear):
                              f"{self.height} x {self.width}")
         self.force_path = None
         self._cols = None  # (source x, im2col of x) of the last dense forward pass, reused by weight_grad
+        self._buffers = {}
         super().__init__(in_index, out_index)
 
     def _build_matrix(self, weights, indices, indptr):
@@ -300,15 +301,19 @@ class SparseConv2d(SparseLinear):
     @property
     def density(self):
         """Live kernels over all (in maps x out maps) positions."""
-        return self.nnz / max(1, self.in_index.n_slots * self.out_index.n_slots)
+        return self._density(self.nnz)
 
-    def dense_path(self, density=None):
-        """Whether the dense im2col + BLAS path is the faster one at ``density`` (default: the layer's)."""
+    def _density(self, kernel_count):
+        return kernel_count / max(1, self.in_index.n_slots * self.out_index.n_slots)
+
+    def dense_path(self, kernel_count=None):
+        """Whether the dense im2col + BLAS path is the faster one for ``kernel_count`` kernels (default: the
+        layer's)."""
         if self.force_path is not None:
             return self.force_path == "dense"
         few_maps = self.in_index.n_slots < self.FEW_INPUT_MAPS
         threshold = self.FEW_MAPS_DENSE_MIN_DENSITY if few_maps else self.DENSE_MIN_DENSITY
-        return (self.density if density is None else density) >= threshold
+        return self._density(self.nnz if kernel_count is None else kernel_count) >= threshold
 
     def dense_weights(self):
         """The kernels scattered into a dense (out maps, 9 * in maps) float32 matrix, im2col's column order."""
@@ -338,10 +343,9 @@ class SparseConv2d(SparseLinear):
 
     def _workspace(self, name, shape):
         """A float32 buffer kept between batches (no page faults on every call)."""
-        buffers = self.__dict__.setdefault("_buffers", {})
-        if name not in buffers or buffers[name].shape != shape:
-            buffers[name] = np.empty(shape, np.float32)
-        return buffers[name]
+        if name not in self._buffers or self._buffers[name].shape != shape:
+            self._buffers[name] = np.empty(shape, np.float32)
+        return self._buffers[name]
 
     def backward_input(self, delta, input_activation, out):
         """Gradient at the input maps through their ReLU. delta (out maps, H, W, batch),
@@ -360,7 +364,7 @@ class SparseConv2d(SparseLinear):
         """dL/dW at the kernels ``connections``. delta (out maps, H, W, batch), x (in maps, H, W, batch).
         Returns (m, 9) float32."""
         m = connections.shape[0]
-        if not self.dense_path(m / max(1, self.in_index.n_slots * self.out_index.n_slots)):
+        if not self.dense_path(m):
             grad = np.empty((m, self.taps), np.float32)
             kernel = kernels.pick(kernels.conv_weight_grad, m * 9 * x[0].size)
             kernel(connections, self.rows, self.indices, _rows(delta), _rows(x), grad, x.shape[3])

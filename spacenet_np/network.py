@@ -213,17 +213,13 @@ class SparseCNN(SparseNetwork):
         pool_next = False
         for i, maps in enumerate(self.conv):
             if pool_next:
-                if height % 2 or width % 2:
-                    raise ValueError(f"max pooling needs even map sizes, got {height} x {width} before conv {i}")
-                height, width = height // 2, width // 2
+                height, width = _pooled_size(height, width, f"before conv {i}")
             neurons.append(NeuronIndex(int(maps), dense=True))
             layers.append(SparseConv2d(neurons[-2], neurons[-1], height, width))
             self.pooled_input.append(pool_next)
             pool_next = (i + 1) % self.pool_every == 0
         if pool_next:
-            if height % 2 or width % 2:
-                raise ValueError(f"max pooling needs even map sizes, got {height} x {width} after the last conv")
-            height, width = height // 2, width // 2
+            height, width = _pooled_size(height, width, "after the last conv")
         self.flat_shape = (int(self.conv[-1]), height, width)
         neurons.append(NeuronIndex(int(np.prod(self.flat_shape)), dense=True))
         hidden_positions = list(range(1, len(self.conv) + 1))
@@ -313,12 +309,17 @@ class SparseCNN(SparseNetwork):
                 below = self.layers[l].backward_input(delta, activations[l], grads[l][0])
             step(l, delta, activations[l])
             if below is not None and self.pooled_input[l]:
-                batch = delta_out.shape[1]
                 pre = grads[l][1]
-                below = below.reshape(pre.shape[0], pre.shape[1] // 2, pre.shape[2] // 2, batch)
-                kernels.pick(kernels.max_pool2_backward, pre.size)(below, argmax[l], pre)
+                kernels.pick(kernels.max_pool2_backward, pre.size)(below.reshape(argmax[l].shape), argmax[l], pre)
                 below = pre
             delta = below
+
+
+def _pooled_size(height, width, where):
+    """The map size after 2 x 2 max pooling; ValueError for odd sizes."""
+    if height % 2 or width % 2:
+        raise ValueError(f"max pooling needs even map sizes, got {height} x {width} {where}")
+    return height // 2, width // 2
 
 
 def build_network(spec):

@@ -301,7 +301,8 @@ def main(argv=None):
     except (DataError, OSError) as err:  # missing, corrupt or unreachable data: the message says what and where
         raise SystemExit(f"error: {err}")
     try:
-        config.validate(build_model(stream, args), neuron_selection=METHODS[args.method].uses_neuron_selection)
+        network = build_model(stream, args)  # the architecture every seed trains, for the checks and results.json
+        config.validate(network, neuron_selection=METHODS[args.method].uses_neuron_selection)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     files = RunFiles(args.out or f"runs/{args.task}-{args.method}")
@@ -326,7 +327,7 @@ def main(argv=None):
     results = {
         "task": args.task,
         "method": args.method,
-        "config": {**config.to_dict(), "architecture": build_model(stream, args).spec(),
+        "config": {**config.to_dict(), "architecture": network.spec(),
                    "hidden": hidden_widths(args), "seeds": list(args.seeds),
                    "method_options": method_options(args, len(stream.tasks)),
                    "input_mean": stream.mean, "input_std": stream.std},
