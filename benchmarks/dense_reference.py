@@ -17,10 +17,11 @@ importance is paper Eq. 4 on the current task's Omega, computed once per rewirin
 connection dropped in a rewiring is not grown back in that rewiring unless the selected block has too few other
 empty positions to keep the task's connection count (then the best just-dropped positions are regrown); grown
 connections start at weight 0 and Omega 0; only hidden layers are rewired (not the output layer); biases of free
-hidden neurons and of the current task's classes are trained; old output heads are set aside while a task trains and restored after it; predictions
-are restricted to the classes learned so far; allocated weights are Xavier-uniform over the full layer shape;
-plain SGD. Ties among equal importances may be broken differently from spacenet_np (``argpartition`` here, a stable
-sort there), and the random draws differ, so the two agree in distribution, not run by run.
+hidden neurons and of the current task's classes are trained; old output heads are set aside while a task trains
+and restored after it; predictions are restricted to the classes learned so far; allocated weights are
+Xavier-uniform over the full layer shape; plain SGD. Ties among equal importances may be broken differently
+from spacenet_np (``argpartition`` here, a stable sort there), and the random draws differ, so the two agree in
+distribution, not run by run.
 
 Memory is O(sum of fan_in * fan_out): see :func:`estimate_peak_bytes`. This module is a benchmark reference only;
 it is not part of the spacenet_np package.

@@ -24,8 +24,18 @@ import math
 import sys
 import time
 
-from benchmarks.common import (child_report, limit_threads, machine_info, md_table, mean_std, pm, python_module,
-                               reproduce_command, run_measured, write_results)
+from benchmarks.common import (
+    child_report,
+    limit_threads,
+    machine_info,
+    md_table,
+    mean_std,
+    pm,
+    python_module,
+    reproduce_command,
+    run_measured,
+    write_results,
+)
 
 IMPLEMENTATIONS = ("spacenet_np", "dense")
 LABELS = {"spacenet_np": "spacenet_np (sparse, Numba)", "dense": "dense reference (NumPy/BLAS)"}

@@ -45,8 +45,16 @@ import time
 
 import numpy as np
 
-from benchmarks.common import (cpu_busy_s, kernel_pairs, machine_info, md_table, reproduce_command, time_call, time_interleaved,
-                               write_results)
+from benchmarks.common import (
+    cpu_busy_s,
+    kernel_pairs,
+    machine_info,
+    md_table,
+    reproduce_command,
+    time_call,
+    time_interleaved,
+    write_results,
+)
 from spacenet_np import kernels
 from spacenet_np.layers import NeuronIndex, SparseLinear
 

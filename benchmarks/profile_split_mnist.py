@@ -5,7 +5,8 @@ The seed runs through the CLI in-process: ``spacenet_np.train.main(["--task", "s
 through a thin Python wrapper installed in ``spacenet_np.kernels`` (the engine looks kernels up there at each call),
 named ``numba_<kernel>_<serial|parallel>``, so that cProfile lists kernel time as its own entries; the strategy's
 phases (``train_epoch``, ``train_step``, ``rewire``, ``allocate``, ``reserve``, ``predict``, heads) and the data
-loading are timed by wrappers too. A one-epoch CLI run first loads the cached kernels and the data files. Two runs of the same seed:
+loading are timed by wrappers too. A one-epoch CLI run first loads the cached kernels and the data files. Two
+runs of the same seed:
 
 1. timers only (no cProfile, so Python code is not slowed down by the profiler): kernel time per phase, and per
    training batch the time in Numba kernels against the rest (Python and NumPy overhead);
@@ -253,7 +254,8 @@ def markdown(results, growth, hidden, compare):
         "training, *overhead* the rest (Python and NumPy). Phases are totals over the seed in seconds; *other* is "
         "what no phase covers (model set-up, the CLI's recorder snapshots and per-task checkpoints, result files).",
         "",
-        md_table(["hidden", "CLI s", "seed s", "load data s", "batches", "ms / batch", "kernels ms / batch", "overhead ms / batch",
+        md_table(["hidden", "CLI s", "seed s", "load data s", "batches", "ms / batch", "kernels ms / batch",
+                  "overhead ms / batch",
                   "kernel share", "rewire s", "allocate s", "reserve s", "heads s", "evaluate s", "other s",
                   "accuracy %"], rows),
         "",

@@ -30,8 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (RESULTS_DIR, limit_threads, machine_info, md_table, measured_module, mean_std,
-                               reproduce_command, run_measured, write_results)
+from benchmarks.common import (
+    RESULTS_DIR,
+    limit_threads,
+    machine_info,
+    md_table,
+    mean_std,
+    measured_module,
+    reproduce_command,
+    run_measured,
+    write_results,
+)
 from benchmarks.dense_reference import estimate_peak_bytes
 from benchmarks.end_to_end import run_one
 

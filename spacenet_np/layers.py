@@ -168,7 +168,7 @@ class SparseLinear:
 
     def _set_connections(self, rows, cols, weights, owner, importance):
         """Rebuild the CSR (sorted by row, then column), its aligned arrays and the CSC view."""
-        n_out, n_in = self.out_index.n_slots, self.in_index.n_slots
+        n_out = self.out_index.n_slots
         order = np.lexsort((cols, rows))
         rows, cols = rows[order], cols[order]
         index_dtype = np.int32 if rows.size < 2**31 else np.int64  # half the index traffic in the kernels

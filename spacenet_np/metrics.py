@@ -42,8 +42,8 @@ def average_forgetting(matrix):
 def model_size(model):
     """Live parameters and their storage: ``{"parameters", "bytes"}``.
 
-    Parameters are the live weights (9 per kernel in a convolution) plus the biases of the neurons that have state (slots) in hidden and
-    output layers. Bytes count the CSR weights, column indices and row pointers, and those biases.
+    Parameters are the live weights (9 per kernel in a convolution) plus the biases of the neurons that have state
+    (slots) in hidden and output layers. Bytes count the CSR weights, column indices and row pointers, and those biases.
     """
     parameters, size = 0, 0
     for layer in model.layers:

@@ -88,7 +88,7 @@ def load_run(path):
     try:
         results = json.loads(results_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"error: cannot read {results_file}: {err}")
+        raise SystemExit(f"error: cannot read {results_file}: {err}") from None
     missing = [key for key in ("task", "method", "runs") if key not in results]
     if missing or not results.get("runs"):
         raise SystemExit(f"error: {results_file} lacks {missing or ['runs (empty)']}")
@@ -414,7 +414,7 @@ def plot_input_connections(task, spacenet_run, static_run, path):
     fig = _figure(2.3 * len(tasks) + 1.4, 2.5 * len(rows) + 0.7)
     axes = fig.subplots(len(rows), len(tasks), squeeze=False)
     image = None
-    for r, (run, when, name) in enumerate(rows):
+    for r, (_run, _when, name) in enumerate(rows):
         for c, t in enumerate(tasks):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -570,7 +570,7 @@ def write_report(run_dirs, out, fig4_task=0, fig5_task=1, log=print):
         if not spacenets:
             log(f"note: no SpaceNet run with snapshots for {task}; skipping connection_distribution, "
                 f"input_connections and activations figures")
-        for k, run in enumerate(spacenets):
+        for run in spacenets:
             suffix = slug(task) + ("" if len(spacenets) == 1 else f"_{slug(run.label)}")
             rec = run.snapshot()
             if rec.has(f"t{fig5_task}_end_pairs"):

@@ -25,7 +25,6 @@ from . import kernels
 from .layers import FREE
 from .strategy import Learner, TaskState, TrainingDiverged, check_inputs, predict  # noqa: F401 (re-exported)
 
-
 INIT_FANS = ("layer", "selected", "connections")
 
 
@@ -272,7 +271,8 @@ class SpaceNet(Learner):
 
     # ----- Algorithm 4 -----
     def reserve(self, state):
-        """Neurons reservation: the ``spec`` most important selected neurons of each hidden layer leave the free list."""
+        """Neurons reservation: the ``spec`` most important selected neurons of each hidden layer leave the free
+        list."""
         importance = self.neuron_importance(state.task)
         for h, position in enumerate(self.model.hidden_positions):
             selected = self.targets(state, position=position)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels
 from .network import SparseNetwork, softmax_cross_entropy, standardize_batch
 
 

@@ -23,7 +23,6 @@ from .spacenet import INIT_FANS, SpaceNetConfig
 from .strategy import TrainingDiverged
 from .streams import STREAMS, get_stream
 
-
 CNN_TASKS = ("split_cifar10", "cifar10_100")
 CNN_WIDTHS = {"standard": (32, 32, 64, 64), "wide": (64, 64, 128, 128)}
 
@@ -49,7 +48,8 @@ def build_parser():
                         "layer (< 1); default MLP 10000 1640 80 (the middle value repeated for extra hidden "
                         "layers), CNN 0.12 for every layer")
     p.add_argument("--selected", type=selection, nargs="+", default=None,
-                   help="selected neurons (CNN: maps) per task per hidden layer, or 'all' for every one (reserved ones only as inputs) "
+                   help="selected neurons (CNN: maps) per task per hidden layer, or 'all' for every one (reserved "
+                        "ones only as inputs) "
                         "(default: MLP 80 each, CNN all)")
     p.add_argument("--reserved", type=int, nargs="+", default=None,
                    help="reserved neurons (CNN: maps) per task per hidden layer (default: MLP 40 each, CNN "
@@ -299,12 +299,12 @@ def main(argv=None):
     try:
         stream = get_stream(args.task, args.data_dir)
     except (DataError, OSError) as err:  # missing, corrupt or unreachable data: the message says what and where
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     try:
         network = build_model(stream, args)  # the architecture every seed trains, for the checks and results.json
         config.validate(network, neuron_selection=METHODS[args.method].uses_neuron_selection)
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     files = RunFiles(args.out or f"runs/{args.task}-{args.method}")
     if not args.resume:
         atomic_write_json(files.args, {"argv": [a for a in argv if a != "--quiet"]})

@@ -4,10 +4,19 @@ The synthetic data are class-dependent Gaussian blobs mapped to uint8 "images": 
 centre in pixel space, samples are the centre plus Gaussian noise, clipped to [0, 255]. Blobs far apart (small
 ``spread``) give an easy problem for the end-to-end tests; the property tests only need data to train on.
 """
+import os
+
 import numpy as np
+from hypothesis import settings
 
 from spacenet_np.layers import FREE
 from spacenet_np.spacenet import SpaceNetConfig
+
+# Under CI (CI=true) every hypothesis run draws the same examples, so a green run can be repeated; local runs keep
+# exploring new examples. Test modules build their settings after this file loads, so they inherit the profile.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() not in ("", "0", "false") else "dev")
 
 
 def make_blobs(n_classes, n_features, n_per_class, seed=0, spread=25.0, centre_seed=None):

@@ -6,11 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_blobs, task_split, tiny_config
+
 from spacenet_np import checkpoint, fileio
-from spacenet_np.checkpoint import (FORMAT_VERSION, CheckpointError, load, predict_from_checkpoint, restore_learner,
-                                    save_learner, save_model)
+from spacenet_np.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load,
+    predict_from_checkpoint,
+    restore_learner,
+    save_learner,
+    save_model,
+)
 from spacenet_np.network import SparseMLP
 from spacenet_np.spacenet import SpaceNet, StaticSparseNN
 from spacenet_np.strategy import Learner, predict

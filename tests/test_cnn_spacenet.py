@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import make_blobs, task_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cifar import C10_TRAIN, N10_BATCH, write_cifar10
+from test_data import write_tiny_dataset
 
-from conftest import make_blobs, task_split
 from spacenet_np import checkpoint, data, train
 from spacenet_np.checkpoint import load, predict_from_checkpoint, restore_learner, save_learner, save_model
 from spacenet_np.layers import FREE, SparseConv2d
@@ -25,8 +27,6 @@ from spacenet_np.methods import METHODS, FineTune
 from spacenet_np.network import SparseCNN
 from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
 from spacenet_np.strategy import predict, xavier_bound
-from test_cifar import C10_TRAIN, N10_BATCH, write_cifar10
-from test_data import write_tiny_dataset
 
 CLASSES_PER_TASK = 2
 SIDE = 8  # images are (channels, 8, 8)

@@ -293,7 +293,7 @@ def test_im2col_col2im_against_slicing_and_adjoint(build, n_in, image, batch, se
     # <im2col(x), y> == <x, col2im(y)>: col2im is the adjoint of im2col (without the ReLU mask).
     lhs = np.sum(cols.astype(np.float64) * y)
     rhs = np.sum(x.astype(np.float64) * back)
-    assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-5 * np.sum(np.abs(cols) * np.abs(y)))
+    assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-5 * float(np.sum(np.abs(cols) * np.abs(y))))
     # col2im sums the nine shifted planes of its input map: the transposed convolution with unit kernels.
     planes = y.astype(np.float64).reshape(n_in, 9, height, width, batch)
     expected = sum(shifted(planes[:, t], -dy, -dx) for t, (dy, dx) in enumerate(TAPS))

@@ -6,8 +6,8 @@ Chance over six classes is 1/6; the thresholds below keep a wide margin.
 """
 import numpy as np
 import pytest
-
 from conftest import make_blobs, task_split
+
 from spacenet_np.network import SparseMLP
 from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
 
@@ -34,7 +34,7 @@ def learned(request, blobs32):
     cls = request.param
     sn = cls(SparseMLP(32, [60, 60], 6), config(), seed=0, input_mean=0.5, input_std=0.25)
     stages, losses, epochs_seen = [], [], []
-    for t, classes in enumerate(TASKS):
+    for classes in TASKS:
         task_losses = []
         sn.learn(*task_split(x_train, y_train, classes), classes,
                  on_batch=lambda epoch, batch, n_batches, loss: task_losses.append((epoch, loss)),

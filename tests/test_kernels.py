@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spacenet_np import kernels
-from spacenet_np.network import standardize_batch
 from spacenet_np.layers import NeuronIndex, SparseLinear
+from spacenet_np.network import standardize_batch
 
 BUILDS = [pytest.param(0, id="serial"), pytest.param(1, id="parallel")]
 SETTINGS = settings(max_examples=25, deadline=None)

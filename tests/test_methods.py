@@ -9,10 +9,10 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import connection_table, make_blobs, task_split, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import connection_table, make_blobs, task_split, tiny_config
 from spacenet_np.methods import EWC, METHODS, FineTune, Joint, SpaceNetRehearsal
 from spacenet_np.network import SparseMLP, softmax_cross_entropy
 from spacenet_np.strategy import TaskState

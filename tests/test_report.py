@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import connection_table, make_blobs, task_split, tiny_config
+
 from spacenet_np import metrics, train
 from spacenet_np.layers import FREE
 from spacenet_np.network import SparseMLP

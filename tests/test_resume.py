@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
+from test_data import write_tiny_dataset
 
 from spacenet_np import checkpoint, train
-from test_data import write_tiny_dataset
 
 ARGS = ["--task", "split_mnist", "--hidden", "30", "30", "--connections", "300", "50", "20", "--selected", "10", "10",
         "--reserved", "4", "4", "--epochs", "2", "--batch-size", "16", "--seeds", "0", "1", "--quiet"]

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from conftest import connection_table, make_blobs, reserved_ids, task_split
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import connection_table, make_blobs, reserved_ids, task_split
 from spacenet_np.layers import FREE
 from spacenet_np.network import SparseMLP
 from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN

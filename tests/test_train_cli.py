@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from test_data import write_tiny_dataset
 
 from spacenet_np import train
-from test_data import write_tiny_dataset
 
 SMALL = ["--hidden", "30", "30", "--connections", "300", "50", "20", "--selected", "10", "10",
          "--reserved", "4", "4", "--epochs", "2", "--batch-size", "16", "--quiet"]
