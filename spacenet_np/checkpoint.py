@@ -235,11 +235,23 @@ def _write(path, meta, arrays):
 def load(path):
     """Read and verify a checkpoint. Returns a ``Checkpoint``.
 
-    Raises FileNotFoundError for a missing file and ``CheckpointError`` (naming the file) for one that is empty,
-    truncated, corrupted, not a checkpoint, or of another format version.
+    Raises ``CheckpointError`` (naming the file) for a path that is missing, a folder or unreadable, and for a
+    file that is empty, truncated, corrupted, not a checkpoint, or of another format version.
     """
     path = Path(path)
-    return _load_bytes(path, path.read_bytes())
+    return _load_bytes(path, _read_file(path))
+
+
+def _read_file(path):
+    """The bytes of the checkpoint file ``path``; CheckpointError naming it if there is no readable file."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file") from None
+    except OSError as err:  # a link loop, no permission, ...
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
 
 
 def _load_bytes(path, data):
@@ -257,7 +269,7 @@ def predict_from_checkpoint(path, images, batch_size=1000):
 def _read_container(path):
     """The verified (meta, arrays) of the file at ``path``: format name, version and sha256 checked."""
     path = Path(path)
-    return _parse_container(path, path.read_bytes())
+    return _parse_container(path, _read_file(path))
 
 
 def _parse_container(path, data):

@@ -6,6 +6,11 @@ CIFAR-100 live in ``<data root>/`` as their canonical extracted folders (``cifar
 extracted safely (downloaded first if it is missing too). The data root is chosen by
 :func:`resolve_data_root`; missing files are downloaded from the mirrors in :data:`MIRRORS` and checked
 against :data:`SHA256` before they are moved into place.
+
+A data folder given explicitly (``--data-dir``, ``$SPACENET_DATA``) must exist: only the default ``./data`` is
+created, so a mistyped path is an error rather than a new folder filled with downloads. Where a file is expected,
+a folder, a broken symbolic link or a link loop is a DataError naming the path; an IDX header whose shape has a
+zero dimension, or needs more bytes than its gzip file can hold, is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -163,6 +169,7 @@ N_CLASSES = 10
 IDX_UBYTE = 0x08
 IDX_NDIMS = (1, 3)  # labels, images
 GZIP_WBITS = 16 + zlib.MAX_WBITS  # accept only a gzip header and trailer
+MAX_DEFLATE_RATIO = 1032  # deflate's limit: a 258-byte match per 2 bits, so n gzip bytes inflate to < 1032 n
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 
@@ -176,13 +183,63 @@ class DataError(ValueError):
 
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data root: ``data_dir`` if given, else ``$SPACENET_DATA``, else ``./data`` in the cwd."""
+    """The data root: ``data_dir`` if given, else ``$SPACENET_DATA``, else ``./data`` in the cwd.
+
+    A root given by ``data_dir`` or ``$SPACENET_DATA`` must be an existing folder (DataError naming it otherwise):
+    it is never created. The default ``./data`` may not exist yet; downloads create it.
+    """
     if data_dir is not None:
-        return Path(data_dir).expanduser()
-    from_env = os.environ.get(DATA_ENV_VAR)
-    if from_env:
-        return Path(from_env).expanduser()
-    return Path.cwd() / "data"
+        root, origin = Path(data_dir).expanduser(), "the given data folder"
+    elif os.environ.get(DATA_ENV_VAR):
+        root, origin = Path(os.environ[DATA_ENV_VAR]).expanduser(), f"the data folder from ${DATA_ENV_VAR}"
+    else:
+        return Path.cwd() / "data"
+    if not _existing_dir(root):
+        raise DataError(f"{root}: {origin} does not exist; create it (or fix the path) and put the data there, "
+                        f"or use --data-dir or ${DATA_ENV_VAR} to select another folder")
+    return root
+
+
+def _existing(path: Path, want_dir: bool) -> bool:
+    """Whether ``path`` exists as a file (a folder with ``want_dir``), following links; False if nothing is there.
+
+    Raises DataError naming the path for the wrong kind (a folder where a file should be, a device, ...), a
+    broken symbolic link, a link loop, or a parent that is not a folder, so that none of them is mistaken for a
+    missing file (which would be downloaded, or reported as missing).
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path}: a broken symbolic link (to {os.readlink(path)!r})") from None
+        return False
+    except NotADirectoryError:
+        parent = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise DataError(f"{path}: cannot exist because {parent} is a file, not a folder") from None
+    except OSError as err:  # ELOOP (a symbolic link loop), EACCES, ...
+        raise DataError(f"{path}: cannot be accessed ({err.strerror or err})") from None
+    if want_dir and not stat.S_ISDIR(mode):
+        raise DataError(f"{path}: expected a folder, found a file")
+    if not want_dir and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise DataError(f"{path}: expected a data file, found {kind}")
+    return True
+
+
+def _existing_file(path: Path) -> bool:
+    """``_existing(path, want_dir=False)``."""
+    return _existing(path, want_dir=False)
+
+
+def _existing_dir(path: Path) -> bool:
+    """``_existing(path, want_dir=True)``."""
+    return _existing(path, want_dir=True)
+
+
+def _check_readable_file(path: Path) -> None:
+    """FileNotFoundError if nothing is at ``path``; DataError for anything but a regular file (see ``_existing``)."""
+    if not _existing_file(path):
+        raise FileNotFoundError(f"{path}: no such file")
 
 
 def _check_dataset(dataset: str, known: Iterable[str] | None = None) -> None:
@@ -209,7 +266,7 @@ def _gunzip_pieces(path: Path):
     for data that is not gzip, a truncated or empty stream, or a bad CRC.
     """
     try:
-        with path.open("rb") as f:
+        with _open_data_file(path) as f:
             decompressor = zlib.decompressobj(GZIP_WBITS)
             in_member, seen_any = False, False
             while chunk := f.read(CHUNK_BYTES):
@@ -225,6 +282,32 @@ def _gunzip_pieces(path: Path):
         raise DataError(f"{path}: not a valid gzip file ({err})") from err
     if in_member or not seen_any:
         raise DataError(f"{path}: gzip stream is truncated or empty")
+
+
+def _open_data_file(path: Path):
+    """``path`` opened for binary reading; DataError naming it if it is not a regular file or cannot be read."""
+    _check_readable_file(path)
+    try:
+        return path.open("rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def _check_idx_shape(path: Path, shape: tuple[int, ...], header_len: int) -> int:
+    """The payload size of an IDX ``shape``; DataError for a zero dimension or more bytes than the file can hold.
+
+    The bound is the file's gzip size times deflate's maximal ratio, so a header claiming billions of images (or
+    dimensions whose product overflows 64 bits) is refused before any allocation. Python ints do not overflow.
+    """
+    if 0 in shape:
+        what = "no rows" if shape[0] == 0 else "a zero dimension"
+        raise DataError(f"{path}: the IDX header shape {shape} has {what}; the file holds no data")
+    expected = math.prod(shape)
+    most = MAX_DEFLATE_RATIO * path.stat().st_size
+    if expected + header_len > most:
+        raise DataError(f"{path}: the IDX header shape {shape} needs {expected} bytes, more than the "
+                        f"{path.stat().st_size}-byte gzip file can hold (at most {most} bytes); corrupt header")
+    return expected
 
 
 def _parse_idx_header(path: Path, head: bytes) -> tuple[int, tuple[int, ...]] | None:
@@ -248,8 +331,8 @@ def read_idx(path: str | os.PathLike, row_order: np.ndarray | None = None) -> np
 
     With ``row_order`` (a permutation of ``range(n)``) the result is ``data[row_order]``, written in place while
     decompressing, so no second copy of the data is ever held. Raises DataError, naming the file, for bad gzip
-    data, a magic other than 2049/2051, or a payload whose length differs from the product of the header's
-    dimensions.
+    data, a magic other than 2049/2051, a header shape with a zero dimension or larger than the file can hold, a
+    payload whose length differs from the product of the header's dimensions, or a path that is not a file.
     """
     path = Path(path)
     pieces = _gunzip_pieces(path)
@@ -265,7 +348,12 @@ def read_idx(path: str | os.PathLike, row_order: np.ndarray | None = None) -> np
             raise DataError(f"{path}: {len(head)} bytes is too short for an IDX header")
         raise DataError(f"{path}: IDX header is truncated ({len(head)} bytes)")
     header_len, shape = header
-    out = np.empty(shape, dtype=np.uint8)
+    expected = _check_idx_shape(path, shape, header_len)
+    try:
+        out = np.empty(shape, dtype=np.uint8)
+    except (MemoryError, ValueError) as err:
+        raise DataError(f"{path}: cannot hold the IDX header shape {shape} ({expected} bytes) in memory: "
+                        f"{err}") from None
     n_rows = shape[0]
     rows = out.reshape(n_rows, -1)
     destination = np.arange(n_rows) if row_order is None else _inverse_permutation(path, row_order, n_rows)
@@ -280,7 +368,8 @@ def read_idx(path: str | os.PathLike, row_order: np.ndarray | None = None) -> np
             rows[destination[written:written + whole]] = block
             carry = carry[whole * rows.shape[1]:]
             written += whole
-    expected = math.prod(shape)
+        if written == n_rows:
+            carry = b""  # surplus bytes are only counted: a long tail must not pile up in memory
     if received != expected:
         raise DataError(
             f"{path}: IDX payload has {received} bytes but the header shape {shape} needs {expected}"
@@ -302,7 +391,7 @@ def _inverse_permutation(path: Path, row_order: np.ndarray, n_rows: int) -> np.n
 def _sha256_of_file(path: Path) -> str:
     """The hex sha256 of the file at ``path``."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with _open_data_file(path) as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
@@ -368,13 +457,14 @@ def fetch(root: str | os.PathLike, dataset: str, filename: str) -> Path:
     """The path of ``root/dataset/filename`` (``root/filename`` for a CIFAR archive), downloading it from the
     mirrors first if it is missing.
 
-    An existing file is returned as is (not re-hashed; see :func:`verify_checksums`). A download is checked
-    against :data:`SHA256` (DataError on mismatch). If every mirror fails with a network error, raises
+    An existing file is returned as is (not re-hashed; see :func:`verify_checksums`). A folder, a broken symbolic
+    link or a link loop at its place is a DataError naming it (nothing is downloaded over it). A download is
+    checked against :data:`SHA256` (DataError on mismatch). If every mirror fails with a network error, raises
     FileNotFoundError saying where the file should be put.
     """
     _check_dataset(dataset)
     target = _registry_path(Path(root), dataset, filename)
-    if target.exists():
+    if _existing_file(target):  # DataError for a folder, a broken link or a link loop: never downloaded over
         return target
     expected_sha256 = SHA256[dataset][filename]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -402,7 +492,7 @@ def verify_checksums(dataset: str, data_dir: str | os.PathLike | None = None) ->
     verified = []
     for filename, expected in SHA256[dataset].items():
         path = _registry_path(root, dataset, filename)
-        if not path.exists():
+        if not _existing_file(path):
             raise FileNotFoundError(f"{path}: missing; cannot verify its checksum")
         _check_sha256(path, expected)
         verified.append(path)
@@ -508,7 +598,7 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict:
     global, a truncated or corrupt pickle, trailing bytes after it, or a top-level object that is not a dict.
     """
     path = Path(path)
-    with path.open("rb") as f:
+    with _open_data_file(path) as f:
         try:
             obj = _RestrictedUnpickler(f, path).load()
         except DataError:
@@ -654,10 +744,10 @@ def cifar_folder(dataset: str, data_dir: str | os.PathLike | None = None) -> Pat
     layout = _cifar_layout(dataset)
     root = resolve_data_root(data_dir)
     folder = root / layout.folder
-    if folder.is_dir():
+    if _existing_dir(folder):
         return folder
     archive = root / layout.archive
-    if archive.exists():
+    if _existing_file(archive):
         expected, actual = SHA256[dataset][layout.archive], _sha256_of_file(archive)
         if actual != expected:
             raise DataError(
@@ -699,7 +789,7 @@ def _load_cifar_split(dataset: str, folder: Path, files: tuple[str, ...], group_
     layout = CIFAR[dataset]
     paths = [folder / name for name in files]
     for path in paths:
-        if not path.is_file():
+        if not _existing_file(path):
             raise FileNotFoundError(
                 f"{path}: missing from the {dataset} folder {folder}/; put the canonical file there "
                 f"or remove the folder so that {layout.archive} is extracted again"
@@ -762,7 +852,7 @@ def load_cifar_label_names(dataset: str, data_dir: str | os.PathLike | None = No
     (``b"fine_label_names"`` of ``meta``), indexed by label."""
     layout = _cifar_layout(dataset)
     path = cifar_folder(dataset, data_dir) / layout.meta_file
-    if not path.is_file():
+    if not _existing_file(path):
         raise FileNotFoundError(f"{path}: missing from the {dataset} folder")
     names = read_cifar_pickle(path).get(layout.label_names_key)
     if not isinstance(names, list) or len(names) != layout.n_classes \

@@ -9,12 +9,21 @@ Every kernel has a serial and a parallel build of the same code. ``pick`` choose
 because starting threads costs more than small products (an output layer with 80 connections) take.
 Each kernel writes every output element from one thread in a fixed order, so results do not depend on the number
 of threads.
+
+Kernels are compiled on first use and cached on disk (``cache=True``). ``numba_cache.configure`` picks the cache
+folder before numba is imported: ``$NUMBA_CACHE_DIR`` if set, else the package's ``__pycache__``, else a user or
+temporary folder, so that a read-only installation imports; with no writable folder at all caching is off
+(``CACHE``), with one warning.
 """
 import types
 
-import numba
-import numpy as np
-from numba import prange
+from . import numba_cache
+
+CACHE = numba_cache.configure()  # before numba is imported: Numba reads NUMBA_CACHE_DIR once, at import
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import prange  # noqa: E402
 
 PARALLEL_MIN_WORK = 1 << 23  # multiply-adds below which the serial build is faster on 2 cores (benchmarks/)
 
@@ -25,7 +34,7 @@ def _build(func):
     The parallel build compiles a renamed twin of ``func``: Numba's on-disk cache is keyed by the function's
     qualified name, not by ``parallel=``, so one name would let the two builds overwrite each other's cache.
     """
-    options = dict(fastmath=True, cache=True, nogil=True, boundscheck=False)
+    options = dict(fastmath=True, cache=CACHE, nogil=True, boundscheck=False)
     twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel", func.__defaults__,
                               func.__closure__)
     twin.__qualname__ = func.__qualname__ + "_parallel"
@@ -191,7 +200,7 @@ def segment_sum(values, segment_ids, n_segments):
 # reshape. A kernel's nine weights are stored row-major over (dy, dx) in {-1, 0, 1}^2.
 
 
-_FAST = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
+_FAST = dict(cache=CACHE, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_FAST)

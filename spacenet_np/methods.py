@@ -17,10 +17,19 @@
   diverges beyond ``2 / lr``; see ``EWC``).
 
 The replay buffer, the Fisher and theta* arrays are the methods' ``extra_state()``; ``OPTIONS`` names the constructor
-options that ``extra_options()`` returns (see ``Learner``). ``METHODS`` maps names to classes.
+options that ``extra_options()`` returns (see ``Learner``). ``METHODS`` maps names to classes, plugin methods of
+the ``spacenet_np.methods`` entry-point group included (see ``plugins``).
+
+``SWITCHES`` names the config's ablation switches a method honours (see ``spacenet``): SpaceNet-Rehearsal all of
+SpaceNet's; FineTune, Joint and EWC only ``softmax_scope`` (they select no neurons and own no per-task heads;
+EWC's Fisher uses the full softmax). Non-default values of the others are refused.
 """
+from collections.abc import MutableMapping
+
 import numpy as np
 
+from . import plugins
+from .options import Option
 from .spacenet import SpaceNet, StaticSparseNN
 from .strategy import Learner, TaskState
 
@@ -102,7 +111,8 @@ class SpaceNetRehearsal(_Replay, SpaceNet):
     """
 
     name = "rehearsal"
-    OPTIONS = ("replay_per_task",)
+    OPTIONS = (Option("replay_per_task", int, None, "samples kept per old task ('all': all of them, the paper)",
+                      low=0, nullable=True, null_text="all"),)
 
     def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, replay_per_task=None):
         super().__init__(model, config, seed, input_mean, input_std, replay_per_task=replay_per_task)
@@ -118,6 +128,10 @@ class SpaceNetRehearsal(_Replay, SpaceNet):
         self.refresh_trainable(None)
 
 
+TOTAL_TASKS = Option("total_tasks", int, None, "tasks the static network is sized for ('none': the stream's)",
+                     low=1, nullable=True, from_stream="n_tasks")
+
+
 class FineTune(Learner):
     """Fine-tuning on a static sparse network: the lower bound of class-incremental learning.
 
@@ -131,7 +145,7 @@ class FineTune(Learner):
     """
 
     name = "finetune"
-    OPTIONS = ("total_tasks",)
+    OPTIONS = (TOTAL_TASKS,)
 
     def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5):
         super().__init__(model, config, seed, input_mean, input_std)
@@ -192,7 +206,7 @@ class Joint(_Replay, FineTune):
     """
 
     name = "joint"
-    OPTIONS = ("total_tasks",)
+    OPTIONS = (TOTAL_TASKS,)
 
     def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5):
         super().__init__(model, config, seed, input_mean, input_std, total_tasks=total_tasks, replay_per_task=None)
@@ -218,7 +232,8 @@ class EWC(FineTune):
     """
 
     name = "ewc"
-    OPTIONS = ("total_tasks", "ewc_lambda", "fisher_samples")
+    OPTIONS = (TOTAL_TASKS, Option("ewc_lambda", float, 5000.0, "penalty strength", low=0.0),
+               Option("fisher_samples", int, 600, "samples for the Fisher estimate", low=1))
     KEYS = ("fisher_weights", "fisher_bias", "theta_weights", "theta_bias")  # per layer, aligned with weights/bias
 
     def __init__(self, model, config, seed=0, input_mean=0.0, input_std=1.0, total_tasks=5, ewc_lambda=5000.0,
@@ -313,6 +328,58 @@ class EWC(FineTune):
                            for key in self.KEYS))
 
 
-METHODS = {"spacenet": SpaceNet, "static": StaticSparseNN, "rehearsal": SpaceNetRehearsal, "finetune": FineTune,
-           "joint": Joint, "ewc": EWC}
+class MethodRegistry(MutableMapping):
+    """Method name -> Learner class: the built-in methods, then the plugins of the ``spacenet_np.methods``
+    entry-point group (see ``plugins``), discovered at the first lookup, not at import. ``refused`` maps the
+    names of plugins left out to the reason; ``reload()`` discovers again (after installing a plugin)."""
+
+    def __init__(self, builtins):
+        self._builtins = dict(builtins)
+        self._methods = None
+        self._loading = False
+        self.refused = {}
+
+    def _all(self):
+        if self._methods is None:
+            if self._loading:  # a plugin that looks up a method while it is imported sees the built-ins
+                return self._builtins
+            self._loading = True
+            try:
+                found, self.refused = plugins.discover(self._builtins)
+            finally:
+                self._loading = False
+            self._methods = {**self._builtins, **found}
+        return self._methods
+
+    def reload(self):
+        """Discover the plugins again; methods set by hand are dropped."""
+        self._methods = None
+        self._all()
+
+    def unknown(self, name):
+        """The message for a name that is not a method, with the reason when it is a refused plugin."""
+        reason = f"; the plugin {self.refused[name]}" if name in self.refused else ""
+        return f"unknown method {name!r}; known methods: {', '.join(sorted(self))}{reason}"
+
+    def __getitem__(self, name):
+        return self._all()[name]
+
+    def __setitem__(self, name, cls):
+        self._all()[name] = cls
+
+    def __delitem__(self, name):
+        del self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+    def __repr__(self):
+        return f"MethodRegistry({self._all()!r})"
+
+
+METHODS = MethodRegistry({"spacenet": SpaceNet, "static": StaticSparseNN, "rehearsal": SpaceNetRehearsal,
+                          "finetune": FineTune, "joint": Joint, "ewc": EWC})
 

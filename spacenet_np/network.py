@@ -11,12 +11,15 @@ from . import kernels
 from .layers import NeuronIndex, SparseConv2d, SparseLinear
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, classes=None):
     """Mean softmax cross-entropy and its gradient, with a numerically stable log-sum-exp.
 
     logits (n_classes, batch) float32, labels (batch,) int. Returns (loss: float, delta (n_classes, batch) float32),
-    where delta is dL/dlogits of the batch mean.
+    where delta is dL/dlogits of the batch mean. ``classes`` (n_classes,) bool restricts the softmax to those
+    classes (the labels must be among them): the others' logits count as -inf and get a gradient of exactly 0.
     """
+    if classes is not None:
+        logits = np.where(classes[:, None], logits, np.float32(-np.inf))
     batch = logits.shape[1]
     shifted = logits - logits.max(axis=0, keepdims=True)
     exp = np.exp(shifted)

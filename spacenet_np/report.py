@@ -13,12 +13,21 @@ folder of ``spacenet_np.train``: its ``results.json`` and, when present, the rec
 
 Standard deviations are over seeds with ``ddof=0``, as in ``results.json``. Tasks are numbered from 1 in every
 table and figure, as the CLI prints them.
+
+Every input is read and checked before anything is written, and the outputs are built in a staging folder inside
+REPORT_DIR and moved into place at the end: an invalid input (or any failure) leaves no new file behind. Runs of
+one method are told apart by the shortest end of their paths that differs (``a/run`` and ``b/run``), and no two
+outputs share a file name.
 """
 import argparse
 import io
 import json
+import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +58,14 @@ STATUS_COLORS = {"reserved": "#d62728", "shared": "#1f77b4", "unused": "#d9d9d9"
 
 @dataclass
 class RunDir:
-    """One run folder: its results.json, a label unique within its stream, and its snapshots by seed."""
+    """One run folder: its results.json, a label unique within its stream, and its snapshots by seed.
+
+    ``where`` is the end of the folder's path that tells it apart from other runs of its method ("" if none)."""
     path: Path
     results: dict
     label: str = ""
     snapshots: dict = field(default_factory=dict)
+    where: str = ""
 
     @property
     def task(self):
@@ -69,9 +81,9 @@ class RunDir:
 
     @property
     def name(self):
-        """The display name: the paper's method name, with the folder name when the label has it."""
+        """The display name: the paper's method name, with ``where`` when the stream has the method twice."""
         name = METHOD_NAMES.get(self.method, self.method)
-        return name if self.label in ("", self.method) else f"{name} ({self.path.name})"
+        return f"{name} ({self.where})" if self.where else name
 
     def snapshot(self):
         """The snapshot of the lowest seed, or None."""
@@ -89,9 +101,7 @@ def load_run(path):
         results = json.loads(results_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"error: cannot read {results_file}: {err}") from None
-    missing = [key for key in ("task", "method", "runs") if key not in results]
-    if missing or not results.get("runs"):
-        raise SystemExit(f"error: {results_file} lacks {missing or ['runs (empty)']}")
+    check_results(results_file, results)
     run = RunDir(path=path, results=results)
     seeds = {r.get("seed") for r in results["runs"]}
     for file in sorted((path / "snapshots").glob("seed*.npz")):
@@ -104,23 +114,78 @@ def load_run(path):
     return run
 
 
+def check_results(results_file, results):
+    """SystemExit naming ``results_file`` unless ``results`` has what the table and figures read: ``task`` and
+    ``method`` strings, and runs whose accuracy matrices are lower-triangular (row i has i + 1 finite numbers), all
+    with the same number of tasks, with matching ``final_per_task_accuracy`` and ``final_average_accuracy``."""
+    def refuse(what):
+        raise SystemExit(f"error: {results_file} {what}; give the --out folder of a finished "
+                         f"'python -m spacenet_np.train' run")
+
+    if not isinstance(results, dict):
+        refuse("does not hold a JSON object")
+    missing = [key for key in ("task", "method", "runs") if key not in results]
+    if missing or not isinstance(results["runs"], list) or not results["runs"]:
+        refuse(f"lacks {missing or ['runs (empty)']}")
+    if not (isinstance(results["task"], str) and isinstance(results["method"], str)):
+        refuse("has a task or method that is not a string")
+    lengths = set()
+    for k, run in enumerate(results["runs"]):
+        matrix = run.get("accuracy_matrix") if isinstance(run, dict) else None
+        if not (isinstance(matrix, list) and matrix and all(
+                isinstance(row, list) and len(row) == i + 1 and all(_finite(v) for v in row)
+                for i, row in enumerate(matrix))):
+            refuse(f"run {k}: accuracy_matrix must be rows of 1, 2, ... finite numbers")
+        final = run.get("final_per_task_accuracy")
+        if not (isinstance(final, list) and len(final) == len(matrix) and all(_finite(v) for v in final)
+                and _finite(run.get("final_average_accuracy"))):
+            refuse(f"run {k}: final_per_task_accuracy ({len(matrix)} numbers) or final_average_accuracy is missing "
+                   f"or invalid")
+        lengths.add(len(matrix))
+    if len(lengths) > 1:
+        refuse(f"has runs with different numbers of tasks {sorted(lengths)}")
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def group_runs(runs):
     """Runs grouped by task stream (in order of first appearance), each group sorted by ``METHOD_ORDER``.
 
-    Labels are the method names, with the folder name added when a stream has one method more than once.
+    Labels are the method names, with ``where`` (the shortest end of the path that differs) added when a stream
+    has one method more than once; the same folder given twice is refused.
     """
     streams = {}
     for run in runs:
         streams.setdefault(run.task, []).append(run)
     for group in streams.values():
-        counts = {}
+        by_method = {}
         for run in group:
-            counts[run.method] = counts.get(run.method, 0) + 1
-        for run in group:
-            run.label = run.method if counts[run.method] == 1 else f"{run.method} ({run.path.name})"
+            by_method.setdefault(run.method, []).append(run)
+        for same in by_method.values():
+            for run, where in zip(same, distinguishing_ends([run.path for run in same])):
+                run.where = where
+                run.label = f"{run.method} ({where})" if where else run.method
         rank = {m: k for k, m in enumerate(METHOD_ORDER)}
         group.sort(key=lambda r: (rank.get(r.method, len(METHOD_ORDER)), r.label))
     return streams
+
+
+def distinguishing_ends(paths):
+    """The shortest ends of ``paths`` (as "a/run") that tell them apart; [""] for one path. SystemExit for a
+    folder given twice."""
+    if len(paths) == 1:
+        return [""]
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    if len(set(parts)) < len(parts):
+        twice = next(p for p in paths if parts.count(Path(os.path.abspath(p)).parts) > 1)
+        raise SystemExit(f"error: the run folder {twice} is given twice")
+    for k in range(1, max(map(len, parts)) + 1):
+        ends = ["/".join(p[-k:]) for p in parts]
+        if len(set(ends)) == len(ends):
+            return ends
+    return ["/".join(p) for p in parts]  # pragma: no cover - distinct paths differ in some end
 
 
 def slug(text):
@@ -220,9 +285,9 @@ def stream_table(task, group):
     return "\n".join(lines) + "\n"
 
 
-def write_table(streams, out):
+def write_table(streams, out, path=None):
     text = "# Results\n\n" + "\n".join(stream_table(task, group) for task, group in streams.items())
-    path = out / "table.md"
+    path = out / "table.md" if path is None else path
     atomic_write_bytes(path, text.encode())
     return path
 
@@ -549,17 +614,51 @@ def write_report(run_dirs, out, fig4_task=0, fig5_task=1, log=print):
     """Write table.md and every figure for ``run_dirs`` (paths) into ``out``. Returns the written paths.
 
     ``fig4_task``/``fig5_task`` are 0-based task indices of the activation and connection-distribution
-    figures. ``log`` receives the notes and the Fig. 5 summary lines.
+    figures. ``log`` receives the notes and the Fig. 5 summary lines. Every run folder is read and checked first
+    (SystemExit naming a bad one); the files are built in a staging folder inside ``out`` and moved into ``out`` at
+    the end, so a failure leaves no new file (and no folder the report created) behind.
     """
-    runs = [load_run(d) for d in run_dirs]
+    streams = group_runs([load_run(d) for d in run_dirs])
     out = Path(out)
-    streams = group_runs(runs)
-    written = [write_table(streams, out)]
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    moved = []
+    try:
+        for path in write_outputs(streams, staging, fig4_task, fig5_task, log):
+            moved.append(out / path.name)
+            os.replace(path, moved[-1])
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return moved
+
+
+def write_outputs(streams, out, fig4_task, fig5_task, log):
+    """Write the table and figures of ``streams`` (``group_runs``) into the folder ``out``, each under a file name
+    no other output has. Returns the written paths."""
+    used = set()
+
+    def place(name):
+        stem, dot, ext = name.rpartition(".")
+        unique, k = name, 1
+        while unique in used:
+            k += 1
+            unique = f"{stem}-{k}{dot}{ext}"
+        used.add(unique)
+        return out / unique
+
+    written = [write_table(streams, out, place("table.md"))]
     for task, group in streams.items():
-        written.append(plot_per_task_accuracy(task, group, out / f"per_task_accuracy_{slug(task)}.png"))
+        written.append(plot_per_task_accuracy(task, group, place(f"per_task_accuracy_{slug(task)}.png")))
         for run in group:
             name = f"accuracy_matrix_{slug(task)}_{slug(run.label)}.png"
-            written.append(plot_accuracy_matrix(task, run, out / name))
+            written.append(plot_accuracy_matrix(task, run, place(name)))
         with_snapshots = [run for run in group if run.snapshots]
         for run in group:
             if not run.snapshots:
@@ -575,7 +674,7 @@ def write_report(run_dirs, out, fig4_task=0, fig5_task=1, log=print):
             rec = run.snapshot()
             if rec.has(f"t{fig5_task}_end_pairs"):
                 path, lines = plot_connection_distribution(task, run, fig5_task,
-                                                           out / f"connection_distribution_{suffix}.png")
+                                                           place(f"connection_distribution_{suffix}.png"))
                 written.append(path)
                 for line in lines:
                     log(line)
@@ -583,10 +682,10 @@ def write_report(run_dirs, out, fig4_task=0, fig5_task=1, log=print):
                 log(f"note: {run.path}: no snapshot of task {fig5_task + 1}; "
                     f"skipping connection_distribution")
             written.append(plot_input_connections(task, run, statics[0] if statics else None,
-                                                  out / f"input_connections_{suffix}.png"))
+                                                  place(f"input_connections_{suffix}.png")))
             path = None
             if rec.probe_labels is not None and rec.has(f"t{fig4_task}_act0"):
-                path = plot_activations(task, run, fig4_task, out / f"activations_{suffix}.png")
+                path = plot_activations(task, run, fig4_task, place(f"activations_{suffix}.png"))
             if path is not None:
                 written.append(path)
             elif len(rec.sizes) > 2:
@@ -594,14 +693,16 @@ def write_report(run_dirs, out, fig4_task=0, fig5_task=1, log=print):
                     f"skipping activations")
         usage = [run for run in with_snapshots if len(run.snapshot().sizes) > 2 and run.snapshot().tasks]
         if usage:
-            written.append(plot_neuron_usage(task, usage, out / f"neuron_usage_{slug(task)}.png"))
+            written.append(plot_neuron_usage(task, usage, place(f"neuron_usage_{slug(task)}.png")))
     return written
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m spacenet_np.report", description=__doc__.splitlines()[0])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out folders of spacenet_np.train")
-    p.add_argument("--out", required=True, help="folder for table.md and the PNG figures")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="--out folders of spacenet_np.train, or one sweep folder of spacenet_np.sweep")
+    p.add_argument("--out", help="folder for the tables and PNG figures (default for a sweep: SWEEP/report)")
+    p.add_argument("--top", type=int, default=10, help="sweep folders: trials in the top-k table")
     p.add_argument("--activations-task", type=int, default=1,
                    help="task (from 1) whose test samples the activation figure shows (paper Fig. 4: 1)")
     p.add_argument("--connections-task", type=int, default=2,
@@ -611,6 +712,17 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from .sweep_report import SweepError, is_sweep, report_sweep
+    if len(args.run_dirs) == 1 and is_sweep(args.run_dirs[0]):
+        try:
+            written = report_sweep(args.run_dirs[0], args.out or Path(args.run_dirs[0]) / "report", top=args.top)
+        except SweepError as err:
+            raise SystemExit(f"error: {err}") from None
+        for path in written:
+            print(path)
+        return 0
+    if args.out is None:
+        raise SystemExit("error: --out is required for train run folders")
     if args.activations_task < 1 or args.connections_task < 1:
         raise SystemExit("error: --activations-task and --connections-task count from 1")
     written = write_report(args.run_dirs, args.out, args.activations_task - 1, args.connections_task - 1)

@@ -1,23 +1,41 @@
 """The SpaceNet strategy (Sokar et al., 2021): Algorithms 1-4 on a ``SparseMLP`` or a ``SparseCNN``.
 
-Choices where the paper's text and the official code differ, or where both are silent:
+Choices where the paper's text and the official code differ, or where both are silent. Each one that can be
+switched names its ``SpaceNetConfig`` field (default first: the behaviour the published results use):
 
 - Neuron importance (Eq. 4) is the sum of the current task's Omega over a neuron's ingoing connections (outgoing
-  for the input layer). The official code sums this quantity again over all training steps; we follow the paper.
+  for the input layer). The official code sums this quantity again over all training steps (a dropped
+  connection's Omega still counting); we follow the paper. Switch: ``importance`` = "paper" | "official_sum"
+  (rewiring and reservation both use it; see ``OfficialImportance``).
 - In each rewiring, neuron importances are computed once from the Omega accumulated so far, before any layer
   drops, as the official code does.
 - A connection dropped in a rewiring is not grown back at the same position in that rewiring (the official code
   masks those positions too), unless the selected block has too few other empty positions to keep the task's
   connection count. Grown connections start with weight 0 and Omega 0.
-- Rewiring applies to every layer except the output layer (as in the official code).
+- Rewiring follows every epoch but the last (official code). Switch: ``rewire_last_epoch`` = False | True (then
+  ``epochs`` rewirings, the last one right before reservation).
+- Rewiring applies to every layer except the output layer (official code). Switch: ``rewire_output`` = False |
+  True (the output layer is rewired within the task's classes x selected last-hidden block).
 - Biases of free (not reserved) hidden neurons and of the current task's output classes are trained; the
-  biases of reserved neurons and of other classes stay fixed (official code).
+  biases of reserved neurons and of other classes stay fixed (official code). Switch: ``bias_scope`` = "free" |
+  "selected" (only the task's selected free neurons, and its classes) | "output" (only the task's classes) |
+  "none" (no bias trains; every bias stays 0).
+- The training softmax covers every class of the stream, unseen ones included (official code). Switch:
+  ``softmax_scope`` = "all" | "seen" (the classes learned so far and the task's; the others are -inf in the loss
+  and get zero gradient). This one lives in ``Learner.train_step`` and applies to every method.
+- Output heads are used as trained. Switch: ``balance_heads`` = "none" | "norm": after each task, every task's
+  output weights and class biases are scaled so that the heads' weight L2 norms equal their mean (the paper's
+  future work, Sec. 6; ``balance_head_norms``). ``head_statistics`` measures head norms and mean logits.
 - Convolutions (paper, Sec. 4): a connection is a whole 3 x 3 kernel, its Omega the sum over its nine weights; a
   feature map's importance is the sum over its ingoing kernels, like a neuron's. The flattened features between
   the last convolution and the first fully connected layer are used by every task, like the input, and their
   importance is the Omega of their outgoing connections.
+
+Which method honours which switch is its ``SWITCHES``: SpaceNet and SpaceNet-Rehearsal all of them;
+Static-SparseNN all but the two rewiring ones; fine-tuning, EWC and joint training only ``softmax_scope``.
+A non-default value of a switch the method does not honour is refused by ``SpaceNetConfig.validate``.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -26,6 +44,13 @@ from .layers import FREE
 from .strategy import Learner, TaskState, TrainingDiverged, check_inputs, predict  # noqa: F401 (re-exported)
 
 INIT_FANS = ("layer", "selected", "connections")
+BIAS_SCOPES = ("free", "selected", "output", "none")
+SOFTMAX_SCOPES = ("all", "seen")
+IMPORTANCES = ("paper", "official_sum")
+HEAD_BALANCES = ("none", "norm")
+# The ablation switches (issue 11): each documented deviation, default = today's behaviour. A method honours the
+# switches named in its ``SWITCHES``; ``SpaceNetConfig.validate`` refuses a non-default value of any other.
+SWITCHES = ("bias_scope", "softmax_scope", "rewire_output", "rewire_last_epoch", "importance", "balance_heads")
 
 
 @dataclass
@@ -44,24 +69,54 @@ class SpaceNetConfig:
     number of new connections per neuron, which also keeps it independent of the density (the CNN default: at
     12 % of the kernels, the full-layer bound shrinks the signal about 3x per layer).
     """
-    connections_per_task: tuple = (10000, 1640, 80)
-    selected_neurons: tuple = (80, 80)
-    reserved_neurons: tuple = (40, 40)
-    rewire_ratio: float = 0.2
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 0.01
-    rewire: bool = True
-    init_fan: str = "layer"
+    connections_per_task: tuple = field(default=(10000, 1640, 80), metadata=dict(
+        type="count", per_layer=True, short="connections",
+        help="connections (CNN: kernels) per task per layer: counts (>= 1) or fractions of the full layer (< 1)"))
+    selected_neurons: tuple = field(default=(80, 80), metadata=dict(
+        type="int", low=1, nullable=True, null_text="all", per_layer=True, short="selected",
+        help="selected neurons (CNN: maps) per task per hidden layer, or 'all'"))
+    reserved_neurons: tuple = field(default=(40, 40), metadata=dict(
+        type="int", low=0, per_layer=True, short="reserved",
+        help="reserved neurons (CNN: maps) per task per hidden layer"))
+    rewire_ratio: float = field(default=0.2, metadata=dict(
+        low=0.0, high=1.0, high_open=True, help="fraction r of a task's connections rewired per epoch"))
+    epochs: int = field(default=4, metadata=dict(low=1, help="epochs per task"))
+    batch_size: int = field(default=128, metadata=dict(low=1, help="SGD batch size"))
+    lr: float = field(default=0.01, metadata=dict(low=0.0, low_open=True, help="SGD learning rate"))
+    rewire: bool = field(default=True, metadata=dict(help="adaptive sparse training (drop and grow)"))
+    init_fan: str = field(default="layer", metadata=dict(
+        choices=INIT_FANS, help="Xavier bound of new connections from the full layer shape, the selected block, "
+                                "or the average new connections per neuron"))
+    bias_scope: str = field(default="free", metadata=dict(
+        choices=BIAS_SCOPES, help="biases trained in a task: every free hidden neuron's and the task's classes' "
+                                  "(free, official code), only the task's selected free neurons' and classes' "
+                                  "(selected), only the task's classes' (output), or none"))
+    softmax_scope: str = field(default="all", metadata=dict(
+        choices=SOFTMAX_SCOPES, help="training softmax over every class of the stream (all) or over the classes "
+                                     "seen so far and the task's (seen; the others get zero gradient)"))
+    rewire_output: bool = field(default=False, metadata=dict(
+        choices=(False, True), help="drop and grow the output layer's connections too (official code: no)"))
+    rewire_last_epoch: bool = field(default=False, metadata=dict(
+        choices=(False, True), help="rewire after the last epoch too, before reservation (official code: no)"))
+    importance: str = field(default="paper", metadata=dict(
+        choices=IMPORTANCES, help="neuron importance: Eq. 4 on the cumulative Omega (paper), or Eq. 4 summed "
+                                  "again over every training step of the task (official_sum, official code)"))
+    balance_heads: str = field(default="none", metadata=dict(
+        choices=HEAD_BALANCES, help="after each task, scale each task's output weights and class biases so that "
+                                    "every head's weight L2 norm is the mean norm (norm; paper Sec. 6), or not "
+                                    "(none)"))
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def validate(self, model, neuron_selection=True):
+    def validate(self, model, neuron_selection=True, switches=None):
         """Raise ValueError naming the first impossible hyperparameter for ``model``.
 
         ``neuron_selection=False`` skips ``selected_neurons`` and ``reserved_neurons``, for methods without them.
+        ``switches``: the ablation switches the method honours (its ``SWITCHES``; None: all); a non-default value
+        of another one is refused, as are rewiring switches without ``rewire``.
         """
+        self.validate_switches(switches)
         n_hidden = len(model.hidden_positions)
         lengths = {"connections_per_task": len(model.layers)}
         if neuron_selection:
@@ -94,6 +149,21 @@ class SpaceNetConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
+    def validate_switches(self, honoured=None):
+        """Raise ValueError for a switch value outside its choices, or non-default but not in ``honoured``."""
+        declared = {f.name: f for f in fields(self)}
+        for name in SWITCHES:
+            value, choices = getattr(self, name), declared[name].metadata["choices"]
+            if type(value) is not type(choices[0]) or value not in choices:
+                raise ValueError(f"{name}={value!r} must be one of {', '.join(map(repr, choices))}")
+            default = declared[name].default
+            if honoured is not None and name not in honoured and value != default:
+                raise ValueError(f"{name}={value!r} is not supported by this method (it honours "
+                                 f"{', '.join(honoured) or 'no switch'}); use the default {default!r}")
+        for name in ("rewire_output", "rewire_last_epoch"):
+            if getattr(self, name) and not self.rewire:
+                raise ValueError(f"{name}=True needs rewire=True")
+
     def connection_count(self, layer, fan_in, fan_out):
         """Connections per task in ``layer``: the int as given, or the density times the full layer shape."""
         value = self.connections_per_task[layer]
@@ -111,6 +181,8 @@ class SpaceNet(Learner):
     name = "spacenet"
     uses_neuron_selection = True
     rewires = True
+    SWITCHES = SWITCHES
+    official_importance = None  # the task's OfficialImportance with importance="official_sum"
 
     # ----- Algorithm 1 -----
     def begin_task(self, classes):
@@ -121,14 +193,23 @@ class SpaceNet(Learner):
         return state
 
     def end_epoch(self, state, epoch):
-        """Adaptive sparse training: rewire after every epoch but the last."""
-        if self.rewires and self.config.rewire and epoch < self.config.epochs - 1:
+        """Adaptive sparse training: rewire after every epoch but the last (all, with ``rewire_last_epoch``)."""
+        last = epoch == self.config.epochs - 1
+        if self.rewires and self.config.rewire and (not last or self.config.rewire_last_epoch):
             self.rewire(state)
 
     def end_task(self, state):
         self.reserve(state)
+        if self.config.balance_heads == "norm":
+            self.return_heads(state)
+            balance_head_norms(self.model)
 
     def finish_task(self, state):
+        self.official_importance = None
+        self.return_heads(state)
+
+    def return_heads(self, state):
+        """Put the heads set aside for ``state``'s task back into the network (once)."""
         if state.set_aside is not None:
             self.restore_heads(state.set_aside)
             state.set_aside = None
@@ -156,6 +237,7 @@ class SpaceNet(Learner):
             layer.resize_to_indices()
         for l, layer in enumerate(model.layers):
             self._allocate_layer(l, layer, state)
+        self.official_importance = OfficialImportance(model) if cfg.importance == "official_sum" else None
         return state
 
     def _allocate_layer(self, l, layer, state):
@@ -199,18 +281,33 @@ class SpaceNet(Learner):
         self.refresh_trainable(None)
 
     def refresh_trainable(self, state):
-        """Set ``trainable`` (the connection ids of ``state``'s task per layer) and ``bias_trainable`` (free hidden
-        neurons and the task's classes); ``state=None`` clears both. Call it after the connections change."""
+        """Set ``trainable`` (the connection ids of ``state``'s task per layer) and ``bias_trainable`` (0/1 per
+        slot, by ``config.bias_scope``); ``state=None`` clears both. Call it after the connections change."""
         if state is None:
             self.trainable, self.bias_trainable = [], []
             return
         self.trainable = [layer.connections_of(state.task) for layer in self.model.layers]
-        self.bias_trainable = [(layer.out_index.reserved_by == FREE).astype(np.float32)
-                               for layer in self.model.layers[:-1]]
+        self.bias_trainable = [self.hidden_bias_mask(state, layer) for layer in self.model.layers[:-1]]
         out_mask = np.zeros(self.model.n_classes, dtype=np.float32)
-        out_mask[state.classes] = 1.0
+        out_mask[state.classes] = 0.0 if self.config.bias_scope == "none" else 1.0
         self.bias_trainable.append(out_mask)
 
+    def hidden_bias_mask(self, state, layer):
+        """Which biases of hidden ``layer``'s outputs train: every free neuron (``bias_scope="free"``), the task's
+        free selected ones (``"selected"``; the same as "free" for a layer whose ``selected_neurons`` is None), or
+        none (``"output"``, ``"none"``). Returns (out slots,) float32."""
+        scope = self.config.bias_scope
+        if scope == "free":
+            return (layer.out_index.reserved_by == FREE).astype(np.float32)
+        mask = np.zeros(layer.out_index.n_slots, dtype=np.float32)
+        if scope == "selected":
+            mask[self.targets(state, layer)] = 1.0
+        return mask
+
+    def sgd_update(self, l, delta, inputs):
+        super().sgd_update(l, delta, inputs)
+        if self.official_importance is not None:
+            self.official_importance.step(self.model.layers[l], l, self.trainable[l])
 
     # ----- Algorithm 3 -----
     def neuron_importance(self, task):
@@ -229,10 +326,20 @@ class SpaceNet(Learner):
                                                                layer.in_index.n_slots)
         return importance
 
+    def task_importance(self, state):
+        """The neuron importance that rewiring and reservation use: Eq. 4 (``importance="paper"``), or its sum
+        over the task's training steps so far (``"official_sum"``). Returns a list of (slots,) float64."""
+        if self.official_importance is not None:
+            return [a.copy() for a in self.official_importance.sums]
+        return self.neuron_importance(state.task)
+
     def rewire(self, state):
-        """Drop the fraction r of least important connections per layer, then grow as many where G is highest."""
-        importance = self.neuron_importance(state.task)
-        for layer in self.model.layers[:-1]:
+        """Drop the fraction r of least important connections per layer, then grow as many where G is highest.
+
+        Every layer but the output layer, which is rewired too with ``config.rewire_output``."""
+        importance = self.task_importance(state)
+        layers = self.model.layers if self.config.rewire_output else self.model.layers[:-1]
+        for layer in layers:
             rows, cols = self.targets(state, layer), state.selected[layer.in_pos]
             fresh = self._free_block(layer, rows, cols)
             dropped = self.drop(layer, state.task)
@@ -245,6 +352,8 @@ class SpaceNet(Learner):
         mine = layer.connections_of(task)
         count = int(self.config.rewire_ratio * mine.size)
         least = mine[np.argsort(layer.importance[mine], kind="stable")[:count]]
+        if self.official_importance is not None:
+            self.official_importance.drop(layer, least)
         layer.remove_connections(least)
         return least
 
@@ -273,16 +382,162 @@ class SpaceNet(Learner):
     def reserve(self, state):
         """Neurons reservation: the ``spec`` most important selected neurons of each hidden layer leave the free
         list."""
-        importance = self.neuron_importance(state.task)
+        importance = self.task_importance(state)
         for h, position in enumerate(self.model.hidden_positions):
             selected = self.targets(state, position=position)
             order = np.argsort(-importance[position][selected], kind="stable")
             self.model.neurons[position].reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
 
 
+class OfficialImportance:
+    """``importance="official_sum"``: per neuron, Eq. 4 on the cumulative Omega summed again over the task's
+    training steps, as the official code does.
+
+    ``sums[p]`` (slots,) float64 per neuron layer ``p``; each SGD step of layer ``l`` adds, for the neuron layers
+    whose Eq. 4 comes from ``l`` (``sources[l]``: its outputs, ingoing; the input or flattened features, outgoing),
+    the segmented sum of the task's current Omega. A dropped connection's Omega keeps counting in every later step
+    (``dropped``), as in the official code, which never clears a dropped position's Omega. Costs
+    O(trainable connections + slots) per layer and step, only when on.
+    """
+
+    def __init__(self, model):
+        outputs = {layer.out_pos for layer in model.layers}
+        self.sources, outgoing = [], set()
+        for layer in model.layers:
+            self.sources.append([(layer.out_pos, True)])
+            if layer.in_pos not in outputs and layer.in_pos not in outgoing:
+                outgoing.add(layer.in_pos)
+                self.sources[-1].append((layer.in_pos, False))
+        self.layers = list(model.layers)
+        self.sums = [np.zeros(neurons.n_slots) for neurons in model.neurons]
+        self.dropped = [np.zeros(neurons.n_slots) for neurons in model.neurons]
+
+    def _segments(self, l, layer, connections):
+        """(position, per-slot Omega sums of ``connections`` of layer ``l``) for each neuron layer it sources."""
+        omega = layer.importance[connections]
+        for position, ingoing in self.sources[l]:
+            ids = layer.rows[connections] if ingoing else layer.indices[connections]
+            yield position, kernels.segment_sum(omega, ids, self.sums[position].size)
+
+    def step(self, layer, l, connections):
+        """After an SGD step on ``connections`` (the task's, (m,) ids) of layer ``l``."""
+        for position, total in self._segments(l, layer, connections):
+            self.sums[position] += total + self.dropped[position]
+
+    def drop(self, layer, connections):
+        """Before ``connections`` of ``layer`` are removed: their Omega stays in the per-step sums."""
+        for position, total in self._segments(self.layers.index(layer), layer, connections):
+            self.dropped[position] += total
+
+
+def task_heads(model, task_classes=None):
+    """Each task's head in the output layer: {task: (classes (k,) int64, connection ids (m,) int64)}.
+
+    By default the tasks and their classes come from the output connections' owners (the SpaceNet methods, whose
+    task t owns exactly the connections into its classes); ``task_classes`` (a list of class arrays, one per task)
+    defines heads by class instead, for methods whose connections all belong to task 0.
+    """
+    out = model.layers[-1]
+    if task_classes is not None:
+        return {t: (np.unique(np.asarray(c, np.int64)), np.flatnonzero(np.isin(out.rows, c)))
+                for t, c in enumerate(task_classes)}
+    return {int(t): (np.unique(out.rows[out.owner == t]).astype(np.int64), np.flatnonzero(out.owner == t))
+            for t in np.unique(out.owner)}
+
+
+def balance_head_norms(model):
+    """``balance_heads="norm"``: scale each task's output connections and its classes' biases by
+    ``mean norm / its norm``, so every head's weight L2 norm becomes the mean over the heads (heads of norm 0
+    are left alone). A task's logits are scaled by a positive factor, so the ranking among its own classes does
+    not change. Stores nothing. Returns {task: factor}."""
+    out = model.layers[-1]
+    heads = task_heads(model)
+    norms = {t: np.linalg.norm(out.weights[ids].astype(np.float64)) for t, (_, ids) in heads.items()}
+    nonzero = [n for n in norms.values() if n > 0]
+    factors = {t: float(np.mean(nonzero) / n) if n > 0 else 1.0 for t, n in norms.items()}
+    for t, (classes, ids) in heads.items():
+        out.weights[ids] *= np.float32(factors[t])
+        out.bias[classes] *= np.float32(factors[t])
+    return factors
+
+
+def head_statistics(learner, images, task_classes=None, batch_size=1000):
+    """Where a bias towards a task sits (issue 11): per task head (see ``task_heads``), the L2 norm of its
+    output weights, the mean of its classes' biases, and the mean logit of its classes over ``images``
+    (n, n_features) uint8 or standardized float. Call between tasks, when every head is in the network.
+
+    Returns a list of dicts (task, classes, weight_norm, bias_mean, mean_logit, class_mean_logits), by task.
+    """
+    model = learner.model
+    check_inputs(images, model.n_features, "images")
+    if images.shape[0] == 0:
+        raise ValueError("head_statistics needs at least one image")
+    totals = np.zeros(model.n_classes)
+    for start in range(0, images.shape[0], batch_size):
+        ids = np.arange(start, min(start + batch_size, images.shape[0]))
+        totals += model.logits(learner.input_batch(images, ids)).sum(axis=1, dtype=np.float64)
+    mean, out = totals / images.shape[0], model.layers[-1]
+    return [{"task": t, "classes": classes.tolist(),
+             "weight_norm": float(np.linalg.norm(out.weights[ids].astype(np.float64))),
+             "bias_mean": float(out.bias[classes].mean()) if classes.size else 0.0,
+             "mean_logit": float(mean[classes].mean()) if classes.size else 0.0,
+             "class_mean_logits": mean[classes].tolist()}
+            for t, (classes, ids) in task_heads(model, task_classes).items()]
+
 
 class StaticSparseNN(SpaceNet):
-    """The paper's Static-SparseNN baseline: SpaceNet's allocation and reservation, with no drop or grow."""
+    """The paper's Static-SparseNN baseline: SpaceNet's allocation and reservation, with no drop or grow (so it
+    does not honour ``rewire_output`` or ``rewire_last_epoch``)."""
 
     name = "static"
     rewires = False
+    SWITCHES = tuple(name for name in SWITCHES if not name.startswith("rewire_"))
+
+
+def check_budget(model, config, n_tasks, classes_per_task=None):
+    """Refuse, before training, a budget that no run of ``n_tasks`` SpaceNet tasks can fit: ValueError naming the
+    parameter, the layer and the first task where it fails (the order in which ``allocate`` fails). Pure: no rng,
+    ``model`` is only read (its widths).
+
+    ``classes_per_task``: an int or one int per task (default ``n_classes // n_tasks``). Per task, as ``allocate``:
+    hidden layer h selects ``selected_neurons[h]`` of its free neurons (None: every one; at least one must be free);
+    layer l puts ``count`` connections into the block of its targets (the selected free neurons of its output; the
+    task's classes in the output layer) x its sources (the selected neurons of its input: every neuron of the
+    input, of the flattened features, and of a hidden layer selected with None, reserved ones included). After
+    the task ``reserved_neurons[h]`` of the targets (all, if fewer) are reserved. Earlier tasks' connections may
+    fill part of a block: at least ``old - (rows outside) * in_width - rows * (in_width - sources)`` of them (the
+    rest fit in the reserved and unselected rows and the unselected columns), so only budgets that fail whatever
+    the random draws are refused; a budget can still fail by chance when old connections crowd a block.
+    """
+    config.validate(model)
+    n_classes, n_tasks = model.n_classes, int(n_tasks)
+    if classes_per_task is None:
+        classes_per_task = n_classes // max(n_tasks, 1)
+    classes = [int(c) for c in np.broadcast_to(classes_per_task, (n_tasks,))] if n_tasks >= 1 else []
+    if n_tasks < 1 or min(classes) < 1 or sum(classes) > n_classes:
+        raise ValueError(f"{n_tasks} tasks of {classes} classes do not fit the {n_classes} outputs")
+    hidden = dict(zip(model.hidden_positions, range(len(model.hidden_positions))))
+    reserved, placed = dict.fromkeys(hidden, 0), [0] * len(model.layers)
+    for t in range(n_tasks):
+        targets = {}
+        for position, h in hidden.items():
+            free, sel = model.neurons[position].width - reserved[position], config.selected_neurons[h]
+            if free == 0 or sel is not None and sel > free:
+                raise ValueError(f"selected_neurons[{h}]={sel} exceeds the {free} free neurons left in hidden layer "
+                                 f"{h} before task {t} ({config.reserved_neurons[h]} reserved per task)")
+            targets[position] = free if sel is None else sel
+        for l, layer in enumerate(model.layers):
+            in_width, out_width = layer.in_index.width, layer.out_index.width
+            h_in = hidden.get(layer.in_pos)
+            sources = in_width if h_in is None or config.selected_neurons[h_in] is None else targets[layer.in_pos]
+            rows = targets.get(layer.out_pos, classes[t])
+            taken = 0 if layer.out_pos not in hidden else max(
+                0, placed[l] - (out_width - rows) * in_width - rows * (in_width - sources))
+            count = config.connection_count(l, in_width, out_width)
+            if count > rows * sources - taken:
+                raise ValueError(f"connections_per_task[{l}]={count} cannot fit layer {l} in task {t}: its block of "
+                                 f"{sources} x {rows} selected neurons has {rows * sources} positions, of which "
+                                 f"earlier tasks' connections take at least {taken}")
+            placed[l] += count
+        for position, h in hidden.items():
+            reserved[position] += min(config.reserved_neurons[h], targets[position])

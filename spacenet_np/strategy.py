@@ -26,7 +26,20 @@ from .network import SparseNetwork, softmax_cross_entropy, standardize_batch
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN, infinite, or larger than ``diverged_loss(n_classes)``."""
+
+
+DIVERGED_LOSS_FACTOR = 1e4
+
+
+def diverged_loss(n_classes):
+    """The loss above which training counts as diverged: ``1e4 * log(n_classes)`` (at least ``1e4 * log 2``).
+
+    The mean cross-entropy of a sane network is O(log C): log C at the start (uniform softmax), a few times that
+    when it is confidently wrong. 1e4 times it needs logit gaps of thousands, which only exploding weights give:
+    such a loss never comes back, and stopping there names the cause before it reaches inf or NaN.
+    """
+    return DIVERGED_LOSS_FACTOR * np.log(max(int(n_classes), 2))
 
 
 @dataclass
@@ -57,10 +70,11 @@ class Learner:
 
     name = "learner"
     uses_neuron_selection = False
-    OPTIONS = ()  # constructor options beyond (model, config, seed, input_mean, input_std)
+    SWITCHES = ("softmax_scope",)  # the config's ablation switches this method honours (see spacenet.SWITCHES)
+    OPTIONS = ()  # declared constructor options (``options.Option``) beyond (model, config, seed, mean, std)
 
     def __init__(self, model: SparseNetwork, config, seed=0, input_mean=0.0, input_std=1.0):
-        config.validate(model, neuron_selection=self.uses_neuron_selection)
+        config.validate(model, neuron_selection=self.uses_neuron_selection, switches=self.SWITCHES)
         self.model = model
         self.config = config
         self.rng = np.random.default_rng(seed)
@@ -68,6 +82,7 @@ class Learner:
         self.tasks_learned = 0
         self.trainable = []
         self.bias_trainable = []
+        self.loss_classes = None  # (n_classes,) bool: the classes in the training softmax; None: all
         self.observers = []
 
     def learn(self, images, labels, classes, on_batch=None, on_epoch=None):
@@ -122,6 +137,7 @@ class Learner:
         The training data live only while the epochs run, so ``end_task`` does not hold them.
         """
         images, labels = self.training_data(state)
+        self.loss_classes = self.softmax_classes(state)
         for epoch in range(self.config.epochs):
             self.train_epoch(state, images, labels, epoch, on_batch)
             self.end_epoch(state, epoch)
@@ -138,7 +154,7 @@ class Learner:
         for batch, start in enumerate(range(0, order.size, batch_size)):
             ids = order[start:start + batch_size]
             loss = self.train_step(self.input_batch(images, ids), labels[ids])
-            if not np.isfinite(loss):
+            if not np.isfinite(loss) or loss > diverged_loss(self.model.n_classes):
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
                                        f"batch {batch}: lower the learning rate (lr={self.config.lr})")
             if on_batch is not None:
@@ -153,9 +169,18 @@ class Learner:
     def train_step(self, x, labels):
         """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss."""
         activations = self.model.forward(x, reaching_output_only=True)
-        loss, delta = softmax_cross_entropy(activations[-1], labels)
+        loss, delta = softmax_cross_entropy(activations[-1], labels, self.loss_classes)
         self.model.backward(activations, delta, self.sgd_update)
         return loss
+
+    def softmax_classes(self, state):
+        """``softmax_scope="seen"``: (n_classes,) bool of the classes learned so far and ``state``'s; None (all
+        classes) for ``"all"``."""
+        if self.config.softmax_scope == "all":
+            return None
+        seen = self.model.known_classes.copy()
+        seen[state.classes] = True
+        return seen
 
     def sgd_update(self, l, delta, inputs):
         """SGD on layer ``l``'s trainable connections (accumulating Omega, Eq. 3) and trainable biases."""
@@ -195,7 +220,7 @@ class Learner:
     # ----- method state, for checkpoints -----
     def extra_options(self):
         """The constructor options named in ``OPTIONS``, with their values. Returns a dict."""
-        return {name: getattr(self, name) for name in self.OPTIONS}
+        return {option.name: getattr(self, option.name) for option in self.OPTIONS}
 
     def extra_state(self):
         """Training state beyond the model, the rng and ``tasks_learned``, as named arrays. Default: none."""
@@ -218,7 +243,8 @@ class Learner:
                 handler(self, state)
 
     def check_task(self, images, labels, classes):
-        """Raise ValueError for an impossible task, before anything changes. Returns the sorted unique classes."""
+        """Raise ValueError for an impossible task, before anything changes: bad images or labels, no samples,
+        classes learned in an earlier task or without samples. Returns the sorted unique classes."""
         check_inputs(images, self.model.n_features, "images")
         classes = np.unique(np.asarray(classes, dtype=np.int64))
         if classes.size == 0 or classes.min() < 0 or classes.max() >= self.model.n_classes:
@@ -232,6 +258,16 @@ class Learner:
         if outside.any():
             raise ValueError(f"labels contain {np.unique(labels[outside]).tolist()}, outside the task's classes "
                              f"{classes.tolist()}")
+        if labels.size == 0:
+            raise ValueError("images and labels hold 0 samples: a task needs at least one sample per class")
+        learned = classes[self.model.known_classes[classes]]
+        if learned.size:
+            raise ValueError(f"classes {learned.tolist()} were learned in an earlier task: every task must bring "
+                             f"new classes (class-incremental learning)")
+        absent = np.setdiff1d(classes, labels)
+        if absent.size:
+            raise ValueError(f"classes {absent.tolist()} have no sample in labels: every class of a task needs "
+                             f"training data")
         return classes
 
 
@@ -274,8 +310,11 @@ def predict(model, images, mean, std, batch_size=1000):
     """Predicted class per sample of ``images`` (n, n_features) uint8 or standardized float. Returns (n,) int64.
 
     Only the classes learned so far (``model.known_classes``) can be predicted: an unseen class has no
-    connections, and its constant logit would otherwise win whenever the learned logits are negative.
+    connections, and its constant logit would otherwise win whenever the learned logits are negative. ValueError
+    before any task is learned: there is no class to predict.
     """
+    if not model.known_classes.any():
+        raise ValueError("no task has been learned yet: the model knows no class to predict; learn a task first")
     check_inputs(images, model.n_features, "images")
     predictions = np.empty(images.shape[0], dtype=np.int64)
     for start in range(0, images.shape[0], batch_size):
@@ -284,8 +323,6 @@ def predict(model, images, mean, std, batch_size=1000):
             x = standardize_batch(images, ids, mean, std)
         else:
             x = np.ascontiguousarray(images[ids].T, dtype=np.float32)
-        logits = model.logits(x)
-        if model.known_classes.any():
-            logits = np.where(model.known_classes[:, None], logits, -np.inf)
+        logits = np.where(model.known_classes[:, None], model.logits(x), -np.inf)
         predictions[ids] = logits.argmax(axis=0)
     return predictions

@@ -7,6 +7,8 @@ when the stream has them (the CIFAR streams: per-channel statistics); see :meth:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ __all__ = [
     "split_cifar10",
     "split_fashion_mnist",
     "split_mnist",
+    "stream_fingerprint",
+    "validation_split",
 ]
 
 N_CLASSES = 10
@@ -41,6 +45,9 @@ CIFAR100_LABEL_OFFSET = N_CLASSES
 # The standardization of the official SpaceNet/PyTorch MNIST code (pixel / 255).
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+
+# The validation split's seed: fixed and independent of the run seed, so every run and trial sees the same split.
+VALIDATION_SEED = 20211101
 
 # Rows per bincount call in pixel_mean_std: bincount widens its input to int64, so chunks keep the
 # temporary small (1024 rows = 6 MB) instead of 8x the whole training set.
@@ -114,7 +121,10 @@ class Stream:
 
     def standardize(self, x_uint8: np.ndarray) -> np.ndarray:
         """``(x / 255 - mean) / std`` as float32, same shape as ``x_uint8`` (e.g. ``(n, 784)``); per feature
-        (the last axis) with ``feature_mean``/``feature_std`` when the stream has them."""
+        (the last axis) with ``feature_mean``/``feature_std`` when the stream has them. Float features (an npz
+        stream's) are already standardized: returned as float32 values as they are, as ``Learner`` uses them."""
+        if x_uint8.dtype != np.uint8:
+            return np.asarray(x_uint8, dtype=np.float32)
         x = x_uint8.astype(np.float32) / np.float32(255.0)
         if self.feature_mean is not None:
             return (x - self.feature_mean.astype(np.float32)) / self.feature_std.astype(np.float32)
@@ -282,8 +292,73 @@ STREAMS = {
 }
 
 
-def get_stream(name: str, data_dir: str | os.PathLike | None = None) -> Stream:
-    """The stream called ``name`` (a key of :data:`STREAMS`); ValueError listing the known names otherwise."""
+def get_stream(name: str, data_dir: str | os.PathLike | None = None, **options) -> Stream:
+    """The stream called ``name`` (a key of :data:`STREAMS`), or ``npz:PATH`` (your own data, see
+    ``npz_stream``; ``options``: ``classes_per_task``, ``class_order``). ValueError listing the known names."""
+    if name.startswith("npz:"):
+        from .npz_stream import load_npz_stream  # npz_stream imports this module
+        return load_npz_stream(name, **options)
     if name not in STREAMS:
-        raise ValueError(f"unknown stream {name!r}; known streams: {', '.join(sorted(STREAMS))}")
+        raise ValueError(f"unknown stream {name!r}; known streams: {', '.join(sorted(STREAMS))}, or npz:PATH")
+    if options:
+        raise ValueError(f"stream {name!r} takes no options (given: {', '.join(sorted(options))}); "
+                         f"classes_per_task and class_order apply to npz:PATH streams")
     return STREAMS[name](data_dir)
+
+
+def validation_split(stream: Stream, fraction: float, seed: int = VALIDATION_SEED) -> tuple[Stream, tuple, dict]:
+    """Hold out ``fraction`` of each task's training images, stratified by class, as validation data.
+
+    In every class, ``round(fraction * n)`` images drawn with ``default_rng([seed, class])`` are held out, so the
+    split depends only on the data, the fraction and ``seed``, never on the run seed. Both parts keep the file
+    order. Returns ``(train_stream, validation_tasks, record)``: the stream with the remaining training images;
+    one ``Task`` per task whose ``x_test``/``y_test`` are its validation images (its ``x_train`` is empty), so
+    ``metrics.evaluate_tasks`` applies to it; and ``{"fraction", "seed", "train_counts", "validation_counts"}``.
+    ValueError if ``fraction`` is not in [0, 1) or leaves a class with no image on either side.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0):
+        raise ValueError(f"validation fraction {fraction!r} must be in [0, 1)")
+    if fraction == 0:
+        return stream, (), {"fraction": 0.0, "seed": seed, "train_counts": [len(t.y_train) for t in stream.tasks],
+                            "validation_counts": [0] * len(stream.tasks)}
+    train_tasks, val_tasks = [], []
+    for task in stream.tasks:
+        held = np.zeros(task.y_train.size, dtype=bool)
+        for label in np.unique(task.y_train):
+            ids = np.flatnonzero(task.y_train == label)
+            n_held = int(round(fraction * ids.size))
+            if not 0 < n_held < ids.size:
+                raise ValueError(f"validation fraction {fraction} holds out {n_held} of the {ids.size} training "
+                                 f"images of class {label} in {stream.name}: each side needs at least one")
+            rng = np.random.default_rng([seed, int(label)])
+            held[rng.choice(ids, size=n_held, replace=False)] = True
+        train_tasks.append(dataclasses.replace(task, x_train=_frozen(task.x_train[~held]),
+                                               y_train=_frozen(task.y_train[~held])))
+        val_tasks.append(Task(index=task.index, classes=task.classes, x_train=task.x_train[:0],
+                              y_train=task.y_train[:0], x_test=_frozen(task.x_train[held]),
+                              y_test=_frozen(task.y_train[held])))
+    record = {"fraction": float(fraction), "seed": seed, "train_counts": [len(t.y_train) for t in train_tasks],
+              "validation_counts": [len(t.y_test) for t in val_tasks]}
+    return dataclasses.replace(stream, tasks=tuple(train_tasks)), tuple(val_tasks), record
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def stream_fingerprint(stream: Stream) -> str:
+    """A sha256 (hex) of the stream's name, classes, statistics and every task's arrays: two runs with the same
+    fingerprint trained and tested on the same data."""
+    h = hashlib.sha256()
+    h.update(repr((stream.name, stream.n_classes, stream.n_features, stream.mean, stream.std,
+                   stream.image_shape)).encode())
+    for stats in (stream.feature_mean, stream.feature_std):
+        if stats is not None:
+            h.update(np.ascontiguousarray(stats).tobytes())
+    for task in stream.tasks:
+        h.update(repr((task.index, tuple(task.classes))).encode())
+        for array in (task.x_train, task.y_train, task.x_test, task.y_test):
+            h.update(repr((array.dtype.str, array.shape)).encode())
+            h.update(hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=32).digest())
+    return h.hexdigest()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_blobs, task_split, tiny_config
+from helpers import pair_tasks, tiny_config
 
 from spacenet_np import checkpoint, fileio
 from spacenet_np.checkpoint import (
@@ -30,8 +30,7 @@ METHODS = [SpaceNet, StaticSparseNN]
 
 def make_tasks():
     """Four tasks of two classes each: a list of (images uint8, labels)."""
-    images, labels = make_blobs(N_CLASSES, N_FEATURES, 24, seed=5, spread=40.0)
-    return [task_split(images, labels, c) for c in CLASSES]
+    return [(images, labels) for images, labels, _ in pair_tasks(N_CLASSES, N_FEATURES, 24, seed=5, spread=40.0)]
 
 
 def new_learner(cls=SpaceNet, seed=11, config=None, **options):
@@ -323,12 +322,14 @@ def test_resume_of_the_other_methods_is_bit_identical(tmp_path, tasks, name):
             == save_learner(tmp_path / "u.npz", uninterrupted).read_bytes())
 
 
-RESUME_SCRIPT = """
+RESUME_SCRIPT = f"""
 import sys
+from helpers import pair_tasks
 from spacenet_np.checkpoint import load, restore_learner, save_learner
-from test_checkpoint import learn_tasks, make_tasks
 learner = restore_learner(load(sys.argv[1]))
-save_learner(sys.argv[2], learn_tasks(learner, make_tasks(), 2, 4))
+for images, labels, classes in pair_tasks({N_CLASSES}, {N_FEATURES}, 24, seed=5, spread=40.0)[2:4]:
+    learner.learn(images, labels, classes)
+save_learner(sys.argv[2], learner)
 """
 
 
@@ -424,11 +425,21 @@ def test_garbage_is_refused(tmp_path):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere" / "ckpt.npz"
-    with pytest.raises(FileNotFoundError) as err:
-        load(path)
-    assert str(path) in str(err.value)
-    with pytest.raises(FileNotFoundError):
+    assert "no such checkpoint file" in refused(path)
+    with pytest.raises(CheckpointError, match=str(path)):
         predict_from_checkpoint(path, np.zeros((1, N_FEATURES), np.uint8))
+    with pytest.raises(CheckpointError, match=str(path)):
+        restore_learner(path)
+
+
+def test_folder_or_link_loop_instead_of_a_file(tmp_path):
+    folder = tmp_path / "ckpt.npz"
+    folder.mkdir()
+    assert "a folder" in refused(folder)
+    loop = tmp_path / "loop.npz"
+    os.symlink(tmp_path / "loop2.npz", loop)
+    os.symlink(loop, tmp_path / "loop2.npz")
+    refused(loop)
 
 
 def rewrite(source, target, sha256=None, arrays_update=None, **meta_update):

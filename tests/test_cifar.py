@@ -5,12 +5,29 @@ import hashlib
 import io
 import os
 import pickle
-import struct
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    C10_ARCHIVE,
+    C10_FOLDER,
+    C10_NAMES,
+    C10_TRAIN,
+    C100_ARCHIVE,
+    C100_FOLDER,
+    N10_BATCH,
+    N100_TEST,
+    N100_TRAIN,
+    make_images,
+    py2_pickle,
+    sample_ids,
+    shuffled_labels,
+    write_cifar10,
+    write_cifar100,
+    write_pickle,
+)
 
 from spacenet_np import data
 from spacenet_np.data import (
@@ -25,121 +42,7 @@ from spacenet_np.data import (
 )
 from spacenet_np.streams import STREAMS, Stream, cifar10_100, get_stream, split_cifar10
 
-N10_BATCH = 20  # images per tiny CIFAR-10 batch file (5 train batches + 1 test batch)
-N100_TRAIN, N100_TEST = 300, 200  # tiny CIFAR-100: 3 / 2 images per fine class
-C10_FOLDER, C100_FOLDER = "cifar-10-batches-py", "cifar-100-python"
-C10_ARCHIVE, C100_ARCHIVE = "cifar-10-python.tar.gz", "cifar-100-python.tar.gz"
-C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-C10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
-             b"truck"]
-
-
 # --- writing canonical files ----------------------------------------------------------------------
-
-
-def _py2_emit(obj, out: bytearray) -> None:
-    """Append the protocol-2 opcodes Python 2's cPickle writes for ``obj`` (dict, list, bytes as str, int, or
-    a uint8 ndarray, pickled as NumPy 1.x did: ``numpy.core.multiarray._reconstruct`` then BUILD)."""
-    if isinstance(obj, dict):
-        out += b"}"
-        for key, value in obj.items():
-            _py2_emit(key, out)
-            _py2_emit(value, out)
-            out += b"s"
-    elif isinstance(obj, list):
-        out += b"]"
-        for value in obj:
-            _py2_emit(value, out)
-            out += b"a"
-    elif isinstance(obj, bytes):
-        out += (b"U" + bytes([len(obj)]) if len(obj) < 256 else b"T" + struct.pack("<i", len(obj))) + obj
-    elif isinstance(obj, (int, np.integer)):
-        out += b"K" + bytes([int(obj)]) if 0 <= obj < 256 else b"J" + struct.pack("<i", int(obj))
-    elif isinstance(obj, np.ndarray) and obj.dtype == np.uint8:
-        out += b"cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85U\x01b\x87R(K\x01"
-        for dim in obj.shape:
-            _py2_emit(dim, out)
-        out += {1: b"\x85", 2: b"\x86"}[obj.ndim]
-        out += b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"  # dtype('u1', False, True)
-        out += b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # its state, then BUILD
-        out += b"\x89"  # not Fortran-ordered
-        _py2_emit(np.ascontiguousarray(obj).tobytes(), out)
-        out += b"tb"
-    else:
-        raise TypeError(f"cannot emit {type(obj).__name__}")
-
-
-def py2_pickle(obj) -> bytes:
-    """``obj`` pickled like the original CIFAR files (Python 2, protocol 2, str for bytes)."""
-    out = bytearray(b"\x80\x02")
-    _py2_emit(obj, out)
-    return bytes(out + b".")
-
-
-def write_pickle(path: Path, obj, style: str = "py3") -> Path:
-    """Pickle ``obj`` into ``path``: ``"py3"`` as the rebuilt CIFAR-10 in /work/shared/data (protocol 4,
-    ``numpy._core``), ``"py2"`` as the original archives."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(obj, protocol=4) if style == "py3" else py2_pickle(obj))
-    return path
-
-
-def make_images(ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Images (n, 3072) whose three channels have different ranges (R 0-127, G 64-191, B 128-255), with the
-    sample id in the first two red pixels (low byte, high byte) to check orders."""
-    n = len(ids)
-    planes = [rng.integers(low, low + 128, size=(n, 1024), dtype=np.uint8) for low in (0, 64, 128)]
-    images = np.concatenate(planes, axis=1)
-    images[:, 0], images[:, 1] = ids % 256, ids // 256
-    return images
-
-
-def sample_ids(images: np.ndarray) -> np.ndarray:
-    return images[:, 0].astype(np.int64) + 256 * images[:, 1].astype(np.int64)
-
-
-def shuffled_labels(n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    labels = np.arange(n) % n_classes
-    rng.shuffle(labels)
-    return labels
-
-
-def write_cifar10(root: Path, style: str = "py3") -> dict:
-    """A tiny canonical cifar-10-batches-py/ in ``root``; returns the arrays (train in file order)."""
-    rng = np.random.default_rng(10)
-    folder = root / C10_FOLDER
-    arrays = {"x_train": [], "y_train": []}
-    for b, name in enumerate(C10_TRAIN):
-        ids = np.arange(b * N10_BATCH, (b + 1) * N10_BATCH)
-        x, y = make_images(ids, rng), shuffled_labels(N10_BATCH, 10, rng)
-        batch = {b"batch_label": f"training batch {b + 1} of 5".encode(), b"labels": y.tolist(), b"data": x}
-        write_pickle(folder / name, batch, style)
-        arrays["x_train"].append(x)
-        arrays["y_train"].append(y)
-    arrays = {key: np.concatenate(value) for key, value in arrays.items()}
-    x_test, y_test = make_images(np.arange(N10_BATCH), rng), shuffled_labels(N10_BATCH, 10, rng)
-    write_pickle(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": y_test.tolist(),
-                                         b"data": x_test, b"filenames": [b"x.png"] * N10_BATCH}, style)
-    write_pickle(folder / "batches.meta", {b"label_names": C10_NAMES, b"num_cases_per_batch": 10000,
-                                           b"num_vis": 3072}, style)
-    arrays.update(x_test=x_test, y_test=y_test)
-    return arrays
-
-
-def write_cifar100(root: Path, style: str = "py2") -> dict:
-    """A tiny canonical cifar-100-python/ in ``root``; returns the arrays (fine labels)."""
-    rng = np.random.default_rng(100)
-    folder = root / C100_FOLDER
-    arrays = {}
-    for split, n in (("train", N100_TRAIN), ("test", N100_TEST)):
-        x, fine = make_images(np.arange(n), rng), shuffled_labels(n, 100, rng)
-        batch = {b"filenames": [b"f.png"] * n, b"batch_label": f"{split}ing batch".encode(),
-                 b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(), b"data": x}
-        write_pickle(folder / split, batch, style)
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, fine
-    write_pickle(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                                   b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, style)
-    return arrays
 
 
 def make_tar_gz(path: Path, source_root: Path, folder: str, extra=()) -> Path:
@@ -432,6 +335,7 @@ def test_downloads_archive_from_mirror(tmp_path, archive_source, monkeypatch):
     monkeypatch.setitem(data.MIRRORS, "cifar-10", [(tmp_path / "nowhere").as_uri() + "/",
                                                    archive.parent.as_uri() + "/"])
     root = tmp_path / "root"
+    root.mkdir()  # a given data folder must exist (only the default ./data is created)
     stream = split_cifar10(root)
     assert len(stream.tasks) == 5
     assert (root / C10_ARCHIVE).read_bytes() == archive.read_bytes()
@@ -457,6 +361,7 @@ def test_downloaded_archive_checksum_mismatch(tmp_path, archive_source, monkeypa
     monkeypatch.setitem(data.SHA256, "cifar-10", {C10_ARCHIVE: "f" * 64})
     monkeypatch.setitem(data.MIRRORS, "cifar-10", [archive.parent.as_uri() + "/"])
     root = tmp_path / "root"
+    root.mkdir()
     with pytest.raises(DataError, match="sha256 mismatch"):
         load_cifar("cifar-10", root)
     assert leftovers(root) == []
@@ -541,6 +446,7 @@ def test_missing_cifar100_message(tmp_path, monkeypatch):
 
 
 def test_missing_cifar10_message(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError) as err:
         split_cifar10(tmp_path / "empty")
     message = str(err.value)

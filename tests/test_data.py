@@ -8,6 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    C10_FOLDER,
+    C10_TRAIN,
+    N10_BATCH,
+    N_TINY,
+    idx_bytes,
+    tiny_split,
+    write_cifar10,
+    write_gz,
+    write_tiny_dataset,
+)
 
 from spacenet_np import data
 from spacenet_np.data import (
@@ -19,40 +30,6 @@ from spacenet_np.data import (
     resolve_data_root,
     verify_checksums,
 )
-
-N_TINY = 12
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The uncompressed IDX encoding of a uint8 array: header (magic, big-endian dims) then payload."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_gz(path: Path, payload: bytes) -> Path:
-    """Gzip ``payload`` into ``path`` (creating its folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload))
-    return path
-
-
-def tiny_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random uint8 images ``(n, 28, 28)`` and labels ``(n,)`` covering all 10 classes when n >= 10."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    rng.shuffle(labels)
-    return images, labels
-
-
-def write_tiny_dataset(root: Path, dataset: str, n_train: int = N_TINY, n_test: int = N_TINY) -> dict:
-    """Write the four canonical files of a tiny dataset under ``root/dataset``; return the arrays by name."""
-    x_train, y_train = tiny_split(n_train, seed=0)
-    x_test, y_test = tiny_split(n_test, seed=1)
-    arrays = dict(zip(FILES, (x_train, y_train, x_test, y_test)))
-    for filename, array in arrays.items():
-        write_gz(root / dataset / filename, idx_bytes(array))
-    return arrays
 
 
 def sha256_of(path: Path) -> str:
@@ -148,6 +125,8 @@ def test_data_root_precedence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SPACENET_DATA", raising=False)
     assert resolve_data_root() == tmp_path / "data"
+    (tmp_path / "from-env").mkdir()
+    (tmp_path / "from-arg").mkdir()
     monkeypatch.setenv("SPACENET_DATA", str(tmp_path / "from-env"))
     assert resolve_data_root() == tmp_path / "from-env"
     assert resolve_data_root(tmp_path / "from-arg") == tmp_path / "from-arg"
@@ -282,6 +261,7 @@ def test_fetch_without_reachable_mirror(tmp_path, monkeypatch):
 
 def test_verify_checksums(tmp_path, mirror):
     root = tmp_path / "root"
+    root.mkdir()
     load_mnist_like("mnist", root)
     assert verify_checksums("mnist", root) == [root / "mnist" / name for name in FILES]
     modified = root / "mnist" / FILES[0]
@@ -291,6 +271,7 @@ def test_verify_checksums(tmp_path, mirror):
 
 
 def test_verify_checksums_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=FILES[0]):
         verify_checksums("mnist", tmp_path / "empty")
 
@@ -328,3 +309,149 @@ def test_group_by_label_sorts_stably(tmp_path):
     order = np.argsort(arrays[FILES[1]], kind="stable")
     np.testing.assert_array_equal(y_train, arrays[FILES[1]][order])
     np.testing.assert_array_equal(x_train, arrays[FILES[0]].reshape(30, 784)[order])
+
+
+# --- absurd headers, wrong kinds of paths, missing data folders (issue 9) ---------------------------
+
+
+def idx_header(ndim_dims: tuple[int, ...]) -> bytes:
+    """An IDX header (magic, big-endian dims) for a uint8 array with the dimensions ``ndim_dims``."""
+    return struct.pack(">BBBB", 0, 0, 0x08, len(ndim_dims)) + struct.pack(f">{len(ndim_dims)}I", *ndim_dims)
+
+
+@pytest.mark.parametrize(
+    "dims, payload, message",
+    [
+        pytest.param((4_000_000_000, 28, 28), b"\0" * 784, "needs 3136000000000 bytes", id="4e9-images"),
+        pytest.param((2**32 - 1,) * 3, b"\0" * 64, "needs", id="product-overflows-64-bits"),
+        pytest.param((2**32 - 1,), b"\0" * 64, "needs 4294967295 bytes", id="4e9-labels"),
+        pytest.param((0, 28, 28), b"", "no rows", id="zero-images"),
+        pytest.param((0,), b"", "no rows", id="zero-labels"),
+        pytest.param((5, 0, 28), b"", "zero dimension", id="zero-width"),
+    ],
+)
+def test_absurd_or_empty_idx_header_is_a_data_error(tmp_path, dims, payload, message):
+    """Refused from the header, before any allocation: never a MemoryError or a reshape error."""
+    path = write_gz(tmp_path / "absurd.gz", idx_header(dims) + payload)
+    with pytest.raises(DataError, match=message) as err:
+        read_idx(path)
+    assert str(path) in str(err.value)
+
+
+def test_header_larger_than_the_payload_but_within_the_gzip_bound(tmp_path):
+    """A claim a gzip file of this size could hold, with fewer bytes in it: the payload check names both sizes."""
+    path = write_gz(tmp_path / "short.gz", idx_header((1000,)) + bytes(range(10)))
+    with pytest.raises(DataError, match=r"short\.gz.*has 10 bytes .* needs 1000"):
+        read_idx(path)
+
+
+def test_long_tail_after_the_payload_is_counted_not_kept(tmp_path):
+    path = write_gz(tmp_path / "tail.gz", idx_bytes(np.zeros(3, np.uint8)) + b"\0" * (3 << 20))
+    with pytest.raises(DataError, match=r"tail\.gz.*has 3145731 bytes .* needs 3"):
+        read_idx(path)
+
+
+def test_zero_image_dataset_is_refused_by_name(tmp_path):
+    write_tiny_dataset(tmp_path, "mnist")
+    write_gz(tmp_path / "mnist" / FILES[2], idx_header((0, 28, 28)))
+    with pytest.raises(DataError, match=rf"{FILES[2]}.*no rows"):
+        load_mnist_like("mnist", tmp_path)
+
+
+def make_symlink_loop(path: Path) -> Path:
+    """``path`` -> ``path.loop`` -> ``path``: following either never ends (ELOOP)."""
+    other = path.with_name(path.name + ".loop")
+    os.symlink(other, path)
+    os.symlink(path, other)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink-loop", "broken-symlink"])
+def test_a_non_file_where_an_idx_file_should_be_is_a_data_error(tmp_path, monkeypatch, kind):
+    """Not "missing, could not be downloaded" (and nothing is downloaded over it): a DataError naming it."""
+    write_tiny_dataset(tmp_path, "mnist")
+    monkeypatch.setitem(data.SHA256, "mnist", {name: sha256_of(tmp_path / "mnist" / name) for name in FILES})
+    target = tmp_path / "mnist" / FILES[1]
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "symlink-loop":
+        make_symlink_loop(target)
+    else:
+        os.symlink(tmp_path / "nowhere", target)
+    monkeypatch.setitem(data.MIRRORS, "mnist", [(tmp_path / "must-not-be-used").as_uri() + "/"])
+    for call in (lambda: load_mnist_like("mnist", tmp_path), lambda: fetch(tmp_path, "mnist", FILES[1]),
+                 lambda: read_idx(target), lambda: verify_checksums("mnist", tmp_path)):
+        with pytest.raises(DataError) as err:
+            call()
+        assert str(target) in str(err.value)
+        assert "could not be downloaded" not in str(err.value)
+
+
+def test_a_file_where_the_dataset_folder_should_be_is_a_data_error(tmp_path):
+    (tmp_path / "mnist").write_bytes(b"not a folder")
+    with pytest.raises(DataError, match=r"mnist is a file, not a folder"):
+        load_mnist_like("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_given_data_folder_that_does_not_exist_is_refused_and_not_created(tmp_path, monkeypatch, mirror, how):
+    """--data-dir / $SPACENET_DATA with a typo: a DataError naming it, and no folder (or download) appears."""
+    missing = tmp_path / "typo" / "data"
+    monkeypatch.chdir(tmp_path)
+    if how == "argument":
+        monkeypatch.delenv("SPACENET_DATA", raising=False)
+        calls = [lambda: resolve_data_root(missing), lambda: load_mnist_like("mnist", missing),
+                 lambda: data.load_cifar("cifar-10", missing)]
+    else:
+        monkeypatch.setenv("SPACENET_DATA", str(missing))
+        calls = [resolve_data_root, lambda: load_mnist_like("mnist"), lambda: data.load_cifar("cifar-10")]
+    for call in calls:
+        with pytest.raises(DataError, match="does not exist") as err:
+            call()
+        assert str(missing) in str(err.value)
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink-loop"])
+def test_a_given_data_folder_that_is_not_a_folder_is_refused(tmp_path, kind):
+    root = tmp_path / "root"
+    if kind == "file":
+        root.write_bytes(b"")
+    else:
+        make_symlink_loop(root)
+    with pytest.raises(DataError) as err:
+        load_mnist_like("mnist", root)
+    assert str(root) in str(err.value)
+
+
+def test_the_default_data_folder_is_still_created_for_downloads(tmp_path, monkeypatch, mirror):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPACENET_DATA", raising=False)
+    assert load_mnist_like("mnist")[0].shape == (N_TINY, 784)
+    assert (tmp_path / "data" / "mnist" / FILES[0]).is_file()
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink-loop"])
+def test_a_non_file_in_the_cifar_folder_is_a_data_error(tmp_path, monkeypatch, kind):
+    monkeypatch.setitem(data.CIFAR_COUNTS, "cifar-10", {**{name: N10_BATCH for name in C10_TRAIN},
+                                                         "test_batch": N10_BATCH})
+    monkeypatch.setitem(data.MIRRORS, "cifar-10", [])
+    write_cifar10(tmp_path)
+    target = tmp_path / C10_FOLDER / "data_batch_2"
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+    else:
+        make_symlink_loop(target)
+    with pytest.raises(DataError) as err:
+        data.load_cifar("cifar-10", tmp_path)
+    assert str(target) in str(err.value)
+
+
+def test_a_symlink_loop_instead_of_the_cifar_folder_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.MIRRORS, "cifar-10", [])
+    make_symlink_loop(tmp_path / C10_FOLDER)
+    with pytest.raises(DataError, match=C10_FOLDER) as err:
+        data.load_cifar("cifar-10", tmp_path)
+    assert "could not be downloaded" not in str(err.value)

@@ -208,6 +208,47 @@ def test_sampled_weight_grad_at_live_positions(build, shape, density, fraction, 
     assert np.all(np.abs(grad - expected) <= RTOL * scale + ATOL)
 
 
+def sampled_grad_reference(connections, rows, indices, delta, x):
+    """``delta[rows[k]] . x[indices[k]]`` in float64, one connection at a time."""
+    return np.array([np.dot(delta[rows[k]].astype(np.float64), x[indices[k]].astype(np.float64))
+                     for k in connections])
+
+
+# Row patterns of hand-picked connection lists (one letter per connection, blocks of four): rows repeated out of
+# order, which the four-at-a-time same-row path must not take for one row.
+ROW_PATTERNS = ["AABA", "ABAA", "BAAA", "AAAB", "ABCA", "ABAB", "ABBA", "AAAA BBBB", "AAAA ABAA AA", "CABA AAAC B",
+                "AAAA AAAA AAAA", "BBAA AABB", "A"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("pattern", ROW_PATTERNS)
+def test_sampled_weight_grad_on_unsorted_connections_with_repeated_rows(build, pattern):
+    """Connections of rows A, B, C in the given order, each at a different column (shuffled within a row)."""
+    rng = np.random.default_rng(len(pattern) * 31 + ord(pattern[0]))
+    pattern = pattern.replace(" ", "")
+    n_in, batch = 16, 5
+    row_of = {"A": 2, "B": 0, "C": 1}
+    rows_list, cols_list = [], []
+    for letter in pattern:  # a new column for every connection of the row, in random order
+        taken = [c for r, c in zip(rows_list, cols_list) if r == row_of[letter]]
+        cols_list.append(int(rng.choice(np.setdiff1d(np.arange(n_in), taken))))
+        rows_list.append(row_of[letter])
+    W = scipy.sparse.csr_array((np.ones(len(pattern), np.float32), (rows_list, cols_list)), shape=(3, n_in))
+    W.sort_indices()
+    rows = np.repeat(np.arange(3), np.diff(W.indptr)).astype(np.int32)
+    position = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(rows, W.indices))}
+    connections = np.array([position[rc] for rc in zip(rows_list, cols_list)], dtype=np.int64)
+    assert [row_of[letter] for letter in pattern] == rows[connections].tolist()
+    delta = rng.normal(size=(3, batch)).astype(np.float32)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    grad = np.full(connections.size, np.nan, dtype=np.float32)
+
+    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
+
+    expected = sampled_grad_reference(connections, rows, W.indices, delta, x)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 # ----- sgd_step_with_importance -----
 @pytest.mark.parametrize("build", BUILDS)
 @SETTINGS

@@ -9,7 +9,7 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import connection_table, make_blobs, task_split, tiny_config
+from helpers import connection_table, make_blobs, task_split, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

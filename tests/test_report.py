@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import connection_table, make_blobs, task_split, tiny_config
+from helpers import connection_table, make_blobs, task_split, tiny_config, write_tiny_dataset
 
-from spacenet_np import metrics, train
+from spacenet_np import experiment, metrics, train
 from spacenet_np.layers import FREE
 from spacenet_np.network import SparseMLP
 from spacenet_np.recorder import Recorder, probe_set
@@ -218,7 +218,7 @@ SMALL = ["--hidden", "30", "30", "--connections", "300", "50", "20", "--selected
 def write_snapshots(run_dir, data_dir):
     """Re-run each seed of a CLI run with a Recorder attached (as run_seed will) and save its snapshots."""
     results = json.loads((run_dir / "results.json").read_text())
-    config = train.config_from_args(train.build_parser().parse_args(["--task", "split_mnist", *SMALL]))
+    config = experiment.build_config(train.base_spec(train.parse_args(["--task", "split_mnist", *SMALL])))
     stream = get_stream("split_mnist", data_dir)
     probes = probe_set(stream.tasks, per_task=6)
     for run in results["runs"]:
@@ -248,7 +248,6 @@ def hand_results(method, finals, task="split_mnist"):
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
     pytest.importorskip("matplotlib")
-    from test_data import write_tiny_dataset
     root = tmp_path_factory.mktemp("report")
     write_tiny_dataset(root / "data", "mnist", n_train=200, n_test=100)
     dirs = {}
@@ -330,4 +329,88 @@ def test_run_dir_without_results_is_refused_by_name(tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match="not-a-run.*results.json"):
         report.main([str(good), str(empty), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+# ----- invalid inputs leave nothing behind; runs with the same folder name stay apart -----
+def hand_run(folder, method, finals, task="split_fashion_mnist"):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(hand_results(method, finals, task=task)))
+    return str(folder)
+
+
+def bad_matrix(results):
+    results["runs"][1]["accuracy_matrix"][2] = [50.0]  # row 3 with one value
+
+
+def ragged_final(results):
+    results["runs"][0]["final_per_task_accuracy"] = [1.0, 2.0]
+
+
+def string_accuracy(results):
+    results["runs"][0]["final_average_accuracy"] = "high"
+
+
+@pytest.mark.parametrize("damage", [bad_matrix, ragged_final, string_accuracy])
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_an_invalid_second_run_leaves_no_output_of_the_first(tmp_path, damage, out_exists):
+    pytest.importorskip("matplotlib")
+    from spacenet_np import report
+    good = hand_run(tmp_path / "good", "spacenet", [70.0, 72.0])
+    results = hand_results("static", [60.0, 62.0])
+    damage(results)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "reports" / "o"
+    if out_exists:
+        out.mkdir(parents=True)
+        (out / "earlier.txt").write_text("kept")
+    with pytest.raises(SystemExit, match=r"bad/results\.json.*run"):
+        report.main([good, str(tmp_path / "bad"), "--out", str(out)])
+    if out_exists:
+        assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    else:
+        assert not (tmp_path / "reports").exists()
+
+
+def test_a_failure_while_writing_removes_what_was_written(tmp_path):
+    """The per-task figure cannot take its place (a folder has its name): no table or other figure stays."""
+    pytest.importorskip("matplotlib")
+    from spacenet_np import report
+    runs = [hand_run(tmp_path / m, m, [70.0]) for m in ("spacenet", "rehearsal")]
+    out = tmp_path / "o"
+    (out / "per_task_accuracy_split_fashion_mnist.png").mkdir(parents=True)
+    with pytest.raises(OSError):
+        report.main([*runs, "--out", str(out)])
+    assert [p.name for p in out.iterdir()] == ["per_task_accuracy_split_fashion_mnist.png"]
+    assert not any((out / "per_task_accuracy_split_fashion_mnist.png").iterdir())
+
+
+def test_run_folders_with_the_same_name_do_not_overwrite_each_other(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from spacenet_np import report
+    runs = [hand_run(tmp_path / "a" / "run", "spacenet", [70.0]), hand_run(tmp_path / "b" / "run", "spacenet", [80.0]),
+            hand_run(tmp_path / "c" / "x y", "static", [50.0]), hand_run(tmp_path / "c" / "x-y", "static", [55.0])]
+    out = tmp_path / "o"
+    assert report.main([*runs, "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert table_row(table, "SpaceNet (a/run)")[1] == "70.00" and table_row(table, "SpaceNet (b/run)")[1] == "80.00"
+    assert table_row(table, "Static-SparseNN (x y)")[1] == "50.00"
+    assert table_row(table, "Static-SparseNN (x-y)")[1] == "55.00"
+    matrices = sorted(p.name for p in out.glob("accuracy_matrix_*.png"))
+    assert matrices == ["accuracy_matrix_split_fashion_mnist_spacenet-a-run.png",
+                        "accuracy_matrix_split_fashion_mnist_spacenet-b-run.png",
+                        "accuracy_matrix_split_fashion_mnist_static-x-y-2.png",  # same slug: numbered, not replaced
+                        "accuracy_matrix_split_fashion_mnist_static-x-y.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(matrices + ["table.md",
+                                                                       "per_task_accuracy_split_fashion_mnist.png"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(out))]
+    assert sorted(printed) == sorted(str(p) for p in out.iterdir())
+
+
+def test_the_same_run_folder_twice_is_refused(tmp_path):
+    from spacenet_np import report
+    run = hand_run(tmp_path / "run", "spacenet", [70.0])
+    with pytest.raises(SystemExit, match="given twice"):
+        report.main([run, str(tmp_path / "." / "run"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

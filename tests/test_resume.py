@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from test_data import write_tiny_dataset
+from helpers import write_tiny_dataset
 
 from spacenet_np import checkpoint, train
 
@@ -50,9 +50,9 @@ def test_interrupted_run_resumes_to_identical_results(data_dir, tmp_path, monkey
     monkeypatch.setattr(checkpoint, "save_learner", counting_save)
     monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_4_of_seed_1)
     monkeypatch.setattr(train.Progress, "start_epoch", lambda self, *a: None)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", str(cut)])
-    assert not (cut / "results.json").exists()
+    assert train.main(args + ["--out", str(cut)]) == 130
+    partial = json.loads((cut / "results.json").read_text())  # seed 0 finished before the interrupt
+    assert not partial["complete"] and [r["seed"] for r in partial["runs"]] == [0]
     assert checkpoint.load(cut / "checkpoints" / "seed1.ckpt").tasks_learned == 3
     monkeypatch.setattr(train.Progress, "batch", original_batch)
     assert train.main(["--resume", str(cut)]) == 0
@@ -80,6 +80,6 @@ def test_killed_process_resumes_to_identical_results(data_dir, tmp_path):
     assert results_without_time(cut) == results_without_time(full)
 
 
-def test_resume_needs_a_run_folder(tmp_path):
-    with pytest.raises(SystemExit, match="args.json"):
-        train.main(["--resume", str(tmp_path)])
+def test_resume_needs_a_run_folder(tmp_path, capsys):
+    assert train.main(["--resume", str(tmp_path)]) == 2
+    assert "run.json not found" in capsys.readouterr().err

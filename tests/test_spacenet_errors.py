@@ -3,7 +3,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import make_blobs, task_split, tiny_config
+from helpers import make_blobs, task_split, tiny_config
 
 from spacenet_np.network import SparseMLP
 from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, TrainingDiverged

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from conftest import connection_table, make_blobs, reserved_ids, task_split
+from helpers import connection_table, make_blobs, reserved_ids, task_split
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
@@ -129,6 +129,21 @@ def assert_task_structure(sn, state):
         if l > 0:
             assert np.all(model.neurons[l].reserved_by[cols] == FREE), f"layer {l}: column is reserved"
         assert_no_duplicates_and_canonical(layer)
+
+
+def reference_importance(model, task):
+    """Eq. 4 from a dense Omega matrix per layer (built with np.add.at from rows, indices, importance, owner):
+    per neuron, the row sum (ingoing connections); the column sum (outgoing) for a neuron layer that no layer
+    feeds (the input). Returns a list of (slots,) float64, one per neuron layer."""
+    importance = [None] * len(model.neurons)
+    for l, layer in enumerate(model.layers):
+        omega = np.zeros((layer.out_index.n_slots, layer.in_index.n_slots))
+        mine = layer.owner == task
+        np.add.at(omega, (layer.rows[mine], layer.indices[mine]), layer.importance[mine].astype(np.float64))
+        importance[l + 1] = omega.sum(axis=1)
+        if l == 0:
+            importance[0] = omega.sum(axis=0)
+    return importance
 
 
 def learn_all(sn, setup, data, after_task=None):
@@ -297,7 +312,7 @@ def test_grow_adds_zero_weights_at_the_most_important_empty_positions(setup):
 
     def checked_rewire(state):
         model = sn.model
-        importance = sn.neuron_importance(state.task)
+        importance = reference_importance(sn.model, state.task)
         before = [positions(layer) for layer in model.layers]
         dropped_keys.clear()
         rewire(state)
@@ -344,6 +359,21 @@ def test_grow_adds_zero_weights_at_the_most_important_empty_positions(setup):
     event(f"regrew just-dropped positions: {refilled[0] > 0}")
 
 
+@PROPERTY
+@given(setup=setups())
+def test_neuron_importance_is_eq4_of_the_tasks_omega(setup):
+    """After every task: Eq. 4 of every task so far equals the dense reference (a task's Omega stays frozen)."""
+    sn = setup.spacenet()
+
+    def after_task(t, state):
+        for task in range(t + 1):
+            for computed, expected in zip(sn.neuron_importance(task), reference_importance(sn.model, task)):
+                np.testing.assert_allclose(computed, expected, rtol=1e-12, atol=0)
+        event(f"task {t} accumulated Omega: {any(np.any(a > 0) for a in sn.neuron_importance(t))}")
+
+    learn_all(sn, setup, setup.data(), after_task)
+
+
 # ----- reservation and free lists -----
 @PROPERTY
 @given(setup=setups())
@@ -356,7 +386,7 @@ def test_free_lists_only_shrink_and_reservations_only_grow(setup):
     reserve_checks = [0]
 
     def checked_reserve(state):
-        importance = sn.neuron_importance(state.task)
+        importance = reference_importance(sn.model, state.task)
         free_before = [set(n.slot_ids[n.reserved_by == FREE].tolist()) for n in hidden]
         reserve(state)
         for h, neurons in enumerate(hidden):

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from test_data import write_tiny_dataset
+from helpers import write_tiny_dataset
 
 from spacenet_np import train
 
@@ -47,9 +47,9 @@ def test_same_seed_same_numbers(data_dir, tmp_path):
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
 
 
-def test_impossible_hyperparameter_is_refused_by_name(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="reserved_neurons"):
-        run_cli(data_dir, tmp_path / "out", "--reserved", "20", "4")
+def test_impossible_hyperparameter_is_refused_by_name(data_dir, tmp_path, capsys):
+    assert run_cli(data_dir, tmp_path / "out", "--reserved", "20", "4") == 2
+    assert "reserved_neurons[0]=20" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -59,13 +59,68 @@ def test_diverging_loss_writes_no_results(data_dir, tmp_path, capsys):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_later_impossible_allocation_is_reported(data_dir, tmp_path, capsys):
+def test_later_impossible_budget_is_refused_before_training(data_dir, tmp_path, capsys):
+    # 8 of 30 neurons reserved per task: before task 4 only 6 are free for the 10 selected ones
+    assert run_cli(data_dir, tmp_path / "out", "--reserved", "8", "8") == 2
+    assert "selected_neurons[0]=10 exceeds the 6 free neurons left in hidden layer 0 before task 3" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the folder was touched
+
+
+def test_allocation_that_fails_by_chance_at_a_later_task_is_reported(data_dir, tmp_path, capsys):
+    # 95 of the 100 positions of a 10 x 10 block: possible, unless old connections crowd the new block
     assert run_cli(data_dir, tmp_path / "out", "--connections", "300", "95", "20") == 2
-    assert "connections_per_task[1]" in capsys.readouterr().err
+    assert "connections_per_task[1]=95 exceeds the" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_missing_data_names_the_file(tmp_path, monkeypatch):
+def test_missing_data_names_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("spacenet_np.data.MIRRORS", {"mnist": [], "fashion-mnist": []})
-    with pytest.raises(SystemExit, match="error: .*train-images-idx3-ubyte.gz"):
-        run_cli(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    assert run_cli(tmp_path / "empty", tmp_path / "out") == 1
+    assert "train-images-idx3-ubyte.gz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "epochs=0 must be >= 1"),
+    ("--lr", "0", "lr=0.0 must be > 0"),
+    ("--batch-size", "0", "batch_size=0 must be >= 1"),
+    ("--rewire-ratio", "1", "rewire_ratio=1.0 must be >= 0 and < 1"),
+    ("--validation", "1.5", "validation fraction 1.5 must be in [0, 1)"),
+])
+def test_every_given_value_is_used_or_refused(data_dir, tmp_path, capsys, flag, value, message):
+    code = None
+    try:
+        code = run_cli(data_dir, tmp_path / "out", flag, value)
+    except SystemExit as exit_:  # argparse refuses values the declaration rules out
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_given_zero_is_not_replaced_by_a_default(data_dir, tmp_path):
+    assert run_cli(data_dir, tmp_path / "out", "--rewire-ratio", "0") == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["rewire_ratio"] == 0.0
+
+
+def test_duplicate_seeds_are_refused(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(data_dir, tmp_path / "out", "--seeds", "0", "0")
+    assert exit_.value.code == 2 and "repeats a seed" in capsys.readouterr().err
+
+
+def test_an_option_of_another_method_is_refused(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(data_dir, tmp_path / "out", "--ewc-lambda", "10")
+    assert "--ewc-lambda do not apply to --method spacenet" in capsys.readouterr().err
+
+
+def test_validation_split_is_recorded(data_dir, tmp_path):
+    assert run_cli(data_dir, tmp_path / "out", "--validation", "0.2") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = results["runs"][0]
+    split = run["validation_split"]
+    assert split["fraction"] == 0.2 and sum(split["validation_counts"]) == 40  # 20 % of 200 tiny images
+    assert [len(row) for row in run["val_accuracy_matrix"]] == [1, 2, 3, 4, 5]
+    assert run["val_final_average_accuracy"] == pytest.approx(np.mean(run["val_accuracy_matrix"][-1]))

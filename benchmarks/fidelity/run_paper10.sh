@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 11 section 1: the paper's configuration (--preset paper, no tuning) over seeds 0-9, test accuracy.
+# Usage (repository root): SPACENET_DATA=../shared/data bash benchmarks/fidelity/run_paper10.sh
+set -euo pipefail
+out=benchmarks/results/fidelity/paper10
+for task in split_mnist split_fashion_mnist; do
+  for method in spacenet static rehearsal; do
+    python -m spacenet_np.train --task "$task" --method "$method" --seeds 0 1 2 3 4 5 6 7 8 9 --workers 2 \
+      --checkpoint-every none --quiet --out "$out/$task-$method" --overwrite
+  done
+done
