@@ -35,8 +35,11 @@ from . import experiment
 
 # Set in every local worker before it starts, so BLAS and OpenMP pools are created with one thread even where
 # threadpoolctl is missing. Dask's nanny already sets the first three by default (pre-spawn-environ).
+# Not NUMBA_NUM_THREADS: a worker may have loaded Numba's config before the variable is set, and a later compile
+# would then refuse the changed value ("Cannot set NUMBA_NUM_THREADS ... once the threads have been launched");
+# each run calls numba.set_num_threads(1) instead (``single_threaded``).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                     "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+                     "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 CONNECT_TIMEOUT = "20s"  # to reach an existing scheduler
 LOG_LEVEL = logging.ERROR  # Dask warns about every task cancelled at Ctrl-C; the engine reports failures itself
 

@@ -1,0 +1,54 @@
+"""Write ``spacenet_np/tuned.py`` (the ``--preset tuned`` values) from the random searches' ``best.json`` files.
+
+Each search folder ``benchmarks/results/fidelity/search/TASK-METHOD/`` holds the trial chosen on validation data
+(best.json); its full config is compared with the paper preset and only the values that differ are kept.
+
+    python -m benchmarks.fidelity.make_tuned
+"""
+import json
+import pprint
+from pathlib import Path
+
+from spacenet_np import presets
+from spacenet_np.fileio import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[1] / "results" / "fidelity" / "search"
+TARGET = Path(__file__).resolve().parents[2] / "spacenet_np" / "tuned.py"
+HEADER = '''"""The ``tuned`` preset's values: chosen by random search on validation data (issue 11), per stream and method.
+
+Written by ``python -m benchmarks.fidelity.make_tuned`` from ``benchmarks/results/fidelity/search/*/best.json``;
+each entry names the sweep it came from. Only the values that differ from the paper preset are listed.
+"""
+'''
+
+
+def tuned_entries():
+    """{(task, method): {"config": {...differences...}, "source": ..., "val_mean": ...}} from every best.json."""
+    entries = {}
+    for best_path in sorted(ROOT.glob("*/best.json")):
+        best = json.loads(best_path.read_text())
+        spec = best["spec"]
+        paper = presets.paper(spec["arch"], spec["width"], spec["hidden"])["config"]
+        config = {k: v for k, v in spec["config"].items() if paper.get(k, default_of(k)) != v}
+        entries[(spec["task"], spec["method"])] = {
+            "config": config, "source": str(best_path.relative_to(ROOT.parents[2])), "trial": best["trial"],
+            "val_mean": round(best["val_final_average_accuracy_mean"], 2),
+            "val_std_ddof0": round(best["val_final_average_accuracy_std"], 2), "n_seeds": best["n_seeds"]}
+    return entries
+
+
+def default_of(name):
+    from spacenet_np.experiment import CONFIG_OPTIONS
+    value = CONFIG_OPTIONS[name].default
+    return list(value) if isinstance(value, tuple) else value
+
+
+def main():
+    entries = tuned_entries()
+    body = HEADER + "TUNED = " + pprint.pformat(entries, width=110, sort_dicts=True) + "\n"
+    atomic_write_bytes(TARGET, body.encode())
+    print(f"wrote {TARGET} with {len(entries)} tuned configurations: {sorted(entries)}")
+
+
+if __name__ == "__main__":
+    main()
