@@ -11,30 +11,39 @@ A data folder given explicitly (``--data-dir``, ``$SPACENET_DATA``) must exist: 
 created, so a mistyped path is an error rather than a new folder filled with downloads. Where a file is expected,
 a folder, a broken symbolic link or a link loop is a DataError naming the path; an IDX header whose shape has a
 zero dimension, or needs more bytes than its gzip file can hold, is refused before anything is allocated.
+
+The decoded MNIST-style images are cached as uncompressed ``.npy`` files (beside the gz files when that folder is
+writable, else in the user cache folder; ``$SPACENET_CACHE`` overrides) and memory-mapped read-only on later
+loads; every load checks the cache against its gz file and its own recorded hash, and rebuilds it on a mismatch.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import http.client
+import io
 import itertools
+import json
 import logging
 import math
+import mmap
 import os
 import pickle
 import shutil
 import stat
-import tarfile
 import tempfile
-import urllib.error
-import urllib.request
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .fileio import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:  # tarfile is imported where archives are opened: most runs never need it
+    import tarfile
 
 __all__ = [
     "CIFAR",
@@ -173,9 +182,12 @@ MAX_DEFLATE_RATIO = 1032  # deflate's limit: a 258-byte match per 2 bits, so n g
 DOWNLOAD_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 
-# A network error: URLError and socket timeouts are OSErrors; a dropped connection mid-body is an
-# http.client.IncompleteRead.
-NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A network error: URLError and socket timeouts are OSErrors; a dropped connection mid-body is an
+    http.client.IncompleteRead."""
+    import http.client  # here, not at the top: only a download needs it (saves ~5 ms of every run's imports)
+    return (OSError, http.client.HTTPException)
 
 
 class DataError(ValueError):
@@ -404,6 +416,7 @@ def _download_to(url: str, target: Path, expected_sha256: str) -> None:
     a crash or failure never leaves a partial ``target``; the temporary file is removed on any failure.
     Network errors propagate; a hash mismatch raises DataError.
     """
+    import urllib.request  # only downloads need it (with http.client, ~7 ms of imports)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -474,7 +487,7 @@ def fetch(root: str | os.PathLike, dataset: str, filename: str) -> Path:
         log.info("downloading %s to %s", url, target)
         try:
             _download_to(url, target, expected_sha256)
-        except NETWORK_ERRORS as err:
+        except _network_errors() as err:
             tried.append((url, err))
             continue
         return target
@@ -499,10 +512,270 @@ def verify_checksums(dataset: str, data_dir: str | os.PathLike | None = None) ->
     return verified
 
 
-def _load_split(images_path: Path, labels_path: Path, group_by_label: bool) -> tuple[np.ndarray, np.ndarray]:
+# --- the decode cache of the IDX images -------------------------------------------------------------------
+#
+# Inflating MNIST's gzipped images costs a few tenths of a second in every run. The decoded array (read_idx's
+# result, in the order asked for) is kept as an uncompressed .npy and memory-mapped read-only on later runs. A
+# JSON sidecar records what it was built from (the gz's sha256, size and stat, the row order) and the blake2b of
+# the .npy file; all of it is checked on every load, and a cache that does not match is rebuilt. The labels are
+# not cached: their gz files are 5-30 kB and inflate in well under a millisecond.
+
+CACHE_ENV_VAR = "SPACENET_CACHE"
+CACHE_OFF = "off"
+CACHE_FORMAT = "spacenet_np.idx_cache"
+CACHE_VERSION = 1
+# A gz changed this recently may change again within one timestamp tick with an identical stat (git's "racily
+# clean" problem), so its stat is not trusted: its sha256 is computed again at the next load.
+RACY_NS = 2_000_000_000
+
+
+class _StaleCache(Exception):
+    """A cache entry that must be rebuilt; the message says why."""
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    """The two files of a cached array: the .npy and its JSON sidecar."""
+
+    array: Path
+    sidecar: Path
+
+    @classmethod
+    def named(cls, folder: Path, stem: str) -> _CacheEntry:
+        return cls(folder / f"{stem}.npy", folder / f"{stem}.json")
+
+
+def _user_cache_folder() -> Path | None:
+    """``$XDG_CACHE_HOME/spacenet_np/data``, else ``~/.cache/spacenet_np/data``; None without a home folder."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home folder can be determined
+            return None
+    return Path(base) / "spacenet_np" / "data"
+
+
+def _may_write(folder: Path) -> bool:
+    """Whether to write into ``folder``: its permission bits let someone write, and this process may.
+
+    The bits are checked because root may write anywhere: a data folder made read-only stays untouched.
+    """
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    return bool(mode & 0o222) and os.access(folder, os.W_OK)
+
+
+def _folder_key(folder: Path) -> str:
+    """A short hash of ``folder``'s absolute path: names its entries in a cache folder shared by many folders."""
+    try:
+        folder = folder.resolve()
+    except (OSError, RuntimeError):  # a link loop: the absolute path still tells the folders apart
+        folder = folder.absolute()
+    return hashlib.blake2b(str(folder).encode(), digest_size=8).hexdigest()
+
+
+def _cache_entries(gz: Path, variant: str) -> tuple[list[_CacheEntry], list[_CacheEntry]]:
+    """Where the cache of ``gz`` in ``variant`` order may be read, and written, in order of preference.
+
+    ``$SPACENET_CACHE`` (a folder, or ``off``) decides alone when set. Otherwise the cache is read beside the
+    gz, then in the user cache folder; it is written beside the gz if that folder is writable (see
+    :func:`_may_write`), else in the user cache folder.
+    """
+    stem = f"{gz.name.removesuffix('.gz')}.{variant}"
+    shared_stem = f"{gz.parent.name}-{_folder_key(gz.parent)}.{stem}"
+    override = os.environ.get(CACHE_ENV_VAR, "").strip()
+    if override:
+        if override.lower() == CACHE_OFF:
+            return [], []
+        entry = _CacheEntry.named(Path(os.path.expanduser(override)), shared_stem)  # never raises, unlike Path's
+        return [entry], [entry]
+    beside = _CacheEntry.named(gz.parent, stem)
+    user_folder = _user_cache_folder()
+    user = [] if user_folder is None else [_CacheEntry.named(user_folder, shared_stem)]
+    return [beside, *user], ([beside] if _may_write(gz.parent) else []) + user
+
+
+def _stat_signature(info: os.stat_result) -> list[int]:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime and ctime."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _source_record(gz: Path) -> dict:
+    """The sidecar's record of ``gz``: sha256, size and stat (taken before hashing, so a change shows)."""
+    info = gz.stat()
+    trusted = time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > RACY_NS
+    return {"path": str(gz.absolute()), "sha256": _sha256_of_file(gz), "size": info.st_size,
+            "stat": _stat_signature(info), "stat_trusted": trusted}
+
+
+def _check_source(gz: Path, recorded: dict) -> dict | None:
+    """Raise _StaleCache unless ``gz`` has the recorded sha256 and size; a fresh record if the sidecar's is out
+    of date (another stat, or a stat that can be trusted now), else None.
+
+    The sha256 is computed only when the stat differs from the recorded one (or was too recent to trust).
+    """
+    info = gz.stat()
+    if info.st_size != recorded["size"]:
+        raise _StaleCache(f"{gz} has {info.st_size} bytes; the cache was built from a {recorded['size']}-byte file")
+    if recorded["stat_trusted"] and _stat_signature(info) == recorded["stat"]:
+        return None
+    source = _source_record(gz)
+    if source["sha256"] != recorded["sha256"]:
+        raise _StaleCache(f"it was built from a file with sha256 {recorded['sha256']}, but {gz} has "
+                          f"sha256 {source['sha256']}")
+    same = (source["stat"], source["stat_trusted"]) == (recorded["stat"], recorded["stat_trusted"])
+    return None if same else source
+
+
+def _row_order_key(row_order: np.ndarray | None) -> str:
+    """How the rows are ordered, for the sidecar: ``file``, or the blake2b of the permutation."""
+    if row_order is None:
+        return "file"
+    order = np.ascontiguousarray(row_order, dtype=np.int64)
+    return "blake2b:" + hashlib.blake2b(order.data, digest_size=32).hexdigest()
+
+
+def _idx_shape(gz: Path) -> tuple[int, ...] | None:
+    """The shape in ``gz``'s IDX header, inflating only its first bytes; None if it cannot be read."""
+    try:
+        with gz.open("rb") as f:
+            head = zlib.decompressobj(GZIP_WBITS).decompress(f.read(4096), 64)
+        header = _parse_idx_header(gz, head)
+    except (OSError, zlib.error, DataError):
+        return None
+    return None if header is None else header[1]
+
+
+def _map_npy(path: Path, recorded: dict, shape: tuple[int, ...], verify: bool = True) -> np.ndarray:
+    """The uint8 C-order array of ``shape`` in the .npy at ``path``, memory-mapped read-only.
+
+    With ``verify``, raise _StaleCache unless the file has the recorded size and blake2b and its header says
+    uint8, C order and ``shape``. A plain ndarray over an mmap (rather than np.load's np.memmap subclass) keeps
+    the arrays' type as read_idx returns it, and hashes the whole file through the same mapping.
+    """
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != recorded["bytes"]:
+            raise _StaleCache(f"{size} bytes, the sidecar records {recorded['bytes']} (truncated or appended to)")
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            header_shape, fortran_order, dtype = read_header(f)
+        except ValueError as err:
+            raise _StaleCache(f"not a valid .npy file ({err})") from None
+        offset = f.tell()
+        if dtype != np.uint8 or fortran_order or header_shape != shape or offset + math.prod(shape) != size:
+            raise _StaleCache(f"holds a {dtype} {'Fortran' if fortran_order else 'C'}-order array of shape "
+                              f"{header_shape} in {size} bytes; the gz holds uint8 {shape}")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if verify:
+        digest = hashlib.blake2b(mapped, digest_size=32).hexdigest()
+        if digest != recorded["blake2b"]:
+            raise _StaleCache(f"its contents are corrupt: blake2b {digest}, the sidecar records {recorded['blake2b']}")
+    return np.frombuffer(mapped, dtype=np.uint8, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+def _cached_array(entry: _CacheEntry, gz: Path, order_key: str, shape: tuple[int, ...],
+                  writable: bool) -> np.ndarray | None:
+    """The array cached at ``entry`` for ``gz`` in ``order_key`` order; None if there is none.
+
+    Raises _StaleCache (naming the reason) for an entry that exists but does not match. A gz whose stat
+    changed but whose contents did not gets its sidecar refreshed if the entry is ``writable``.
+    """
+    try:
+        record = json.loads(entry.sidecar.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as err:
+        raise _StaleCache(f"its sidecar {entry.sidecar} cannot be read ({err})") from None
+    try:
+        if (record["format"], record["version"]) != (CACHE_FORMAT, CACHE_VERSION):
+            raise _StaleCache(f"format {record['format']} version {record['version']} is not "
+                              f"{CACHE_FORMAT} version {CACHE_VERSION}")
+        if record["row_order"] != order_key:
+            raise _StaleCache(f"its rows are in another order ({record['row_order']}, not {order_key})")
+        refreshed = _check_source(gz, record["source"])
+        array = _map_npy(entry.array, record["array"], shape)
+    except (KeyError, TypeError) as err:
+        raise _StaleCache(f"its sidecar {entry.sidecar} is malformed ({type(err).__name__}: {err})") from None
+    except (OSError, DataError) as err:  # the .npy missing or unreadable, or the gz unreadable (read_idx says why)
+        raise _StaleCache(f"it cannot be checked ({err})") from None
+    if refreshed is not None and writable:
+        try:
+            atomic_write_json(entry.sidecar, {**record, "source": refreshed})
+        except OSError:
+            pass  # a read-only cache still serves; the gz is just hashed again next time
+    return array
+
+
+def _store(entry: _CacheEntry, array: np.ndarray, source: dict, order_key: str) -> np.ndarray:
+    """Write ``array`` and its sidecar to ``entry`` atomically (the .npy first); return the mapped copy.
+
+    Raises OSError (WriteError) if either cannot be written; the .npy is then removed again.
+    """
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    with buffer.getbuffer() as payload:
+        recorded = {"file": entry.array.name, "dtype": array.dtype.str, "shape": list(array.shape),
+                    "bytes": len(payload), "blake2b": hashlib.blake2b(payload, digest_size=32).hexdigest()}
+        atomic_write_bytes(entry.array, payload)
+    buffer.close()
+    record = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source, "row_order": order_key,
+              "array": recorded}
+    try:
+        atomic_write_json(entry.sidecar, record)
+    except OSError:
+        entry.array.unlink(missing_ok=True)
+        raise
+    return _map_npy(entry.array, recorded, array.shape, verify=False)
+
+
+def _read_idx_cached(path: Path, row_order: np.ndarray | None, variant: str) -> np.ndarray:
+    """``read_idx(path, row_order)`` through the decode cache: the same bytes, shape and dtype, read-only.
+
+    ``variant`` names the order in the cache's file names (``file-order``, ``by-label``). A stale or corrupt
+    cache is rebuilt (with a warning saying why); when no cache folder can be written, the decoded array is
+    returned uncached (with a warning). The cache never makes a load fail: decoding errors are read_idx's own.
+    """
+    readable, writable = _cache_entries(path, variant)
+    shape = _idx_shape(path) if readable else None
+    if shape is None:  # caching is off, or the gz is unreadable: read_idx says why
+        return read_idx(path, row_order)
+    order_key = _row_order_key(row_order)
+    for entry in readable:
+        try:
+            array = _cached_array(entry, path, order_key, shape, entry in writable)
+        except _StaleCache as stale:
+            log.warning("%s: not using this cache of %s: %s", entry.array, path.name, stale)
+            continue
+        if array is not None:
+            return array
+    source = _source_record(path)
+    array = read_idx(path, row_order)
+    if _stat_signature(path.stat()) != source["stat"]:
+        log.warning("%s changed while it was decoded; its decoded images are not cached", path)
+        return array
+    for entry in writable:
+        try:
+            return _store(entry, array, source, order_key)
+        except (OSError, _StaleCache) as err:  # _StaleCache: another process replaced it meanwhile
+            log.warning("%s: cannot cache the decoded images of %s here (%s)", entry.array.parent, path.name, err)
+    if not writable:
+        log.warning("%s: no writable folder for the decoded images' cache (set $%s to one); they are decoded "
+                    "again in every run", path, CACHE_ENV_VAR)
+    return array
+
+
+def _load_split(images_path: Path, labels_path: Path, group_by_label: bool,
+                cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one split: images ``(n, 784)`` uint8 and labels ``(n,)`` uint8 in 0..9.
 
     With ``group_by_label`` the samples are stably sorted by label (the file order within a label is kept).
+    With ``cache`` the images go through the decode cache (see :func:`_read_idx_cached`).
     """
     labels = read_idx(labels_path)
     if labels.ndim != 1:
@@ -511,7 +784,10 @@ def _load_split(images_path: Path, labels_path: Path, group_by_label: bool) -> t
         raise DataError(f"{labels_path}: label {labels.max()} is outside 0..{N_CLASSES - 1}")
     order = np.argsort(labels, kind="stable") if group_by_label else None
     try:
-        images = read_idx(images_path, row_order=order)
+        if cache:
+            images = _read_idx_cached(images_path, order, "file-order" if order is None else "by-label")
+        else:
+            images = read_idx(images_path, row_order=order)
     except ValueError as err:
         if isinstance(err, DataError):
             raise
@@ -529,7 +805,7 @@ def _load_split(images_path: Path, labels_path: Path, group_by_label: bool) -> t
 
 
 def load_mnist_like(
-    dataset: str, data_dir: str | os.PathLike | None = None, group_by_label: bool = False
+    dataset: str, data_dir: str | os.PathLike | None = None, group_by_label: bool = False, cache: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load ``"mnist"`` or ``"fashion-mnist"`` as ``(x_train, y_train, x_test, y_test)``.
 
@@ -537,12 +813,17 @@ def load_mnist_like(
     all four are read-only. With ``group_by_label`` each split is stably sorted by label, so that a subset of
     consecutive classes is a slice (a view, no copy). Missing files are downloaded into the data root (see
     :func:`fetch`).
+
+    With ``cache`` (the default) the decoded images are kept as uncompressed, verified ``.npy`` files and
+    memory-mapped on later loads: beside the gz files when their folder is writable, else in
+    ``$XDG_CACHE_HOME/spacenet_np/data`` (``~/.cache/spacenet_np/data``); ``$SPACENET_CACHE`` names another
+    folder, or ``off``. The arrays are the same bytes either way.
     """
     _check_dataset(dataset, _idx_datasets())
     root = resolve_data_root(data_dir)
     paths = {filename: fetch(root, dataset, filename) for filename in FILES}
-    x_train, y_train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], group_by_label)
-    x_test, y_test = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS], group_by_label)
+    x_train, y_train = _load_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], group_by_label, cache)
+    x_test, y_test = _load_split(paths[TEST_IMAGES], paths[TEST_LABELS], group_by_label, cache)
     return x_train, y_train, x_test, y_test
 
 
@@ -704,6 +985,8 @@ def extract_archive(archive: str | os.PathLike, root: str | os.PathLike, folder:
     where available). The archive is extracted into a temporary folder inside ``root``, checked to hold the
     ``required`` files, then renamed into place atomically; nothing is left behind on failure.
     """
+    import gzip  # here, not at the top: only archives need these (CIFAR's first run)
+    import tarfile
     archive, root = Path(archive), Path(root)
     target = root / folder
     try:

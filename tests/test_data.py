@@ -227,9 +227,12 @@ def test_fetch_tries_next_mirror(tmp_path, mirror, monkeypatch):
 def test_load_mnist_like_downloads_missing_files(tmp_path, mirror, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SPACENET_DATA", raising=False)
+    monkeypatch.delenv(data.CACHE_ENV_VAR, raising=False)
     y_test = load_mnist_like("mnist")[3]
     assert y_test.shape == (N_TINY,)
-    assert sorted(os.listdir(tmp_path / "data" / "mnist")) == sorted(FILES)
+    cache = [f"{images}-idx3-ubyte.file-order.{ext}" for images in ("train-images", "t10k-images")
+             for ext in ("npy", "json")]  # the decoded images' cache, beside the gz files
+    assert sorted(os.listdir(tmp_path / "data" / "mnist")) == sorted([*FILES, *cache])  # and no temporary files
 
 
 def test_fetch_checksum_mismatch_leaves_nothing(tmp_path, mirror, monkeypatch):

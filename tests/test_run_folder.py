@@ -220,3 +220,16 @@ def test_unwritable_results_are_written_elsewhere_not_lost(data_dir, tmp_path, c
     results = json.loads(rescue.read_text())
     rescue.unlink()
     assert results["complete"] and [r["seed"] for r in results["runs"]] == [0]
+
+
+def test_seeds_on_two_workers_give_the_sequential_numbers(data_dir, tmp_path):
+    args = ["--seeds", "0", "1", "2", "--validation", "0.2"]
+    assert train.main(cli(data_dir, tmp_path / "sequential", *args)) == 0
+    assert train.main(cli(data_dir, tmp_path / "parallel", *args, "--workers", "2")) == 0
+    sequential, parallel = (results_without_time(tmp_path / name) for name in ("sequential", "parallel"))
+    assert [r["seed"] for r in parallel["runs"]] == [0, 1, 2]
+    assert parallel["runs"] == sequential["runs"]
+    assert sorted(p.name for p in (tmp_path / "parallel" / "checkpoints").iterdir()) == [
+        "seed0.ckpt", "seed1.ckpt", "seed2.ckpt"]
+    assert train.main(["--resume", str(tmp_path / "parallel")]) == 0  # every seed finished: nothing to redo
+    assert results_without_time(tmp_path / "parallel")["runs"] == sequential["runs"]

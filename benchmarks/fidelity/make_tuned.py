@@ -9,17 +9,11 @@ import json
 import pprint
 from pathlib import Path
 
-from spacenet_np import presets
+from spacenet_np import presets, tuned
 from spacenet_np.fileio import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1] / "results" / "fidelity" / "search"
 TARGET = Path(__file__).resolve().parents[2] / "spacenet_np" / "tuned.py"
-HEADER = '''"""The ``tuned`` preset's values: chosen by random search on validation data (issue 11), per stream and method.
-
-Written by ``python -m benchmarks.fidelity.make_tuned`` from ``benchmarks/results/fidelity/search/*/best.json``;
-each entry names the sweep it came from. Only the values that differ from the paper preset are listed.
-"""
-'''
 
 
 def tuned_entries():
@@ -45,7 +39,7 @@ def default_of(name):
 
 def main():
     entries = tuned_entries()
-    body = HEADER + "TUNED = " + pprint.pformat(entries, width=110, sort_dicts=True) + "\n"
+    body = '"""' + tuned.__doc__ + '"""\nTUNED = ' + pprint.pformat(entries, width=110, sort_dicts=True) + "\n"
     atomic_write_bytes(TARGET, body.encode())
     print(f"wrote {TARGET} with {len(entries)} tuned configurations: {sorted(entries)}")
 
