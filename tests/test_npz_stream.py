@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import make_blobs
 
-from spacenet_np import experiment, make_stream, report, train
+from spacenet_np import experiment, make_stream, report, sweep, train
 from spacenet_np.npz_stream import StreamDataError, load_npz_stream
 from spacenet_np.strategy import Learner
 from spacenet_np.streams import get_stream
@@ -174,6 +174,21 @@ def test_cli_trains_on_an_npz_file_with_validation_and_the_report_reads_it(tmp_p
     assert (out / "checkpoints" / "seed0.ckpt").exists()
     assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
     assert "npz" in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_the_sweep_runs_on_an_npz_file_and_its_final_runs_keep_the_class_order(tmp_path):
+    task = save(tmp_path / "mine.npz", **dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                                   blobs(labels=(3, 1, 4, 0, 2, 5)))))
+    out = tmp_path / "sweep"
+    argv = ["--task", task, "--classes-per-task", "3", "--class-order", "3", "1", "4", "0", "2", "5",
+            "--search", "lr=choice:0.01,0.05", "--grid", "--seeds", "0", "--validation", "0.25", "--workers", "1",
+            "--final-seeds", "0", "--out", str(out), "--hidden", "20", "--set", "connections=40,12", "--set",
+            "selected=8", "--set", "reserved=2", "--set", "epochs=2", "--set", "batch_size=16", "--quiet"]
+    assert sweep.main(argv) == 0
+    assert len((out / "trials.csv").read_text().splitlines()) == 3  # header and one row per trial
+    final = json.loads((out / "final" / "results.json").read_text())
+    assert final["spec"]["stream_options"] == {"classes_per_task": 3, "class_order": [3, 1, 4, 0, 2, 5]}
+    assert final["spec"]["task"] == task and len(final["runs"][0]["accuracy_matrix"]) == 2
 
 
 def test_cli_trains_on_float_features(tmp_path):
