@@ -306,3 +306,11 @@ def test_report_of_a_sweep_folder(reference, tmp_path):
     with pytest.raises(SweepError, match="holds no sweep.json"):
         report_sweep(not_sweep, tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_the_report_command_understands_a_sweep_folder(reference, tmp_path, capsys):
+    from spacenet_np import report
+    assert report.main([str(reference), "--out", str(tmp_path / "report"), "--top", "2"]) == 0
+    table = (tmp_path / "report" / "sweep_table.md").read_text()
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in table.splitlines()) == 2  # the top 2
+    assert str(tmp_path / "report" / "sweep_lr.png") in capsys.readouterr().out
