@@ -1,7 +1,7 @@
-"""Write ``spacenet_np/tuned.py`` (the ``--preset tuned`` values) from the random searches' ``best.json`` files.
+"""Write ``spacenet_np/tuned.py`` (the ``--preset tuned`` values) from the searches' stage-2 choices (stage2.json).
 
 Each search folder ``benchmarks/results/fidelity/search/TASK-METHOD/`` holds the trial chosen on validation data
-(best.json); its full config is compared with the paper preset and only the values that differ are kept.
+(stage2.json); its full config is compared with the paper preset and only the values that differ are kept.
 
     python -m benchmarks.fidelity.make_tuned
 """
@@ -17,17 +17,17 @@ TARGET = Path(__file__).resolve().parents[2] / "spacenet_np" / "tuned.py"
 
 
 def tuned_entries():
-    """{(task, method): {"config": {...differences...}, "source": ..., "val_mean": ...}} from every best.json."""
+    """{(task, method): {"config": {...differences...}, "source": ..., ...}} from every search's stage2.json (the
+    10-seed validation choice among its top trials, see ``stage2``)."""
     entries = {}
-    for best_path in sorted(ROOT.glob("*/best.json")):
-        best = json.loads(best_path.read_text())
-        spec = best["spec"]
+    for chosen_path in sorted(ROOT.glob("*/stage2.json")):
+        chosen = json.loads(chosen_path.read_text())
+        spec, trial = chosen["spec"], chosen["chosen_trial"]
         paper = presets.paper(spec["arch"], spec["width"], spec["hidden"])["config"]
         config = {k: v for k, v in spec["config"].items() if paper.get(k, default_of(k)) != v}
         entries[(spec["task"], spec["method"])] = {
-            "config": config, "source": str(best_path.relative_to(ROOT.parents[2])), "trial": best["trial"],
-            "val_mean": round(best["val_final_average_accuracy_mean"], 2),
-            "val_std_ddof0": round(best["val_final_average_accuracy_std"], 2), "n_seeds": best["n_seeds"]}
+            "config": config, "source": str(chosen_path.relative_to(ROOT.parents[2])), "trial": trial,
+            "val_mean_seeds_0_9": round(chosen["candidates"][str(trial)]["val_mean"], 2)}
     return entries
 
 
