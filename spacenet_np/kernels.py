@@ -14,6 +14,19 @@ Kernels are compiled on first use and cached on disk (``cache=True``). ``numba_c
 folder before numba is imported: ``$NUMBA_CACHE_DIR`` if set, else the package's ``__pycache__``, else a user or
 temporary folder, so that a read-only installation imports; with no writable folder at all caching is off
 (``CACHE``), with one warning.
+
+Allocation and growth inside a task's block of positions, without materializing the block:
+
+A layer's block is ``rows x cols`` (sorted slot arrays: the task's target neurons and its selected inputs); its
+position ``p = i * cols.size + j`` is the connection ``rows[i] <- cols[j]``. With every neuron selected, the CNN's
+4096 -> 512 layer has a block of 2M positions while a rewire moves a few ten thousand connections, so these cost
+O(connections in the block + positions considered) time and memory, never O(block):
+
+- ``occupied_positions``: the block's connections, as sorted positions, read from the layer's CSR;
+- ``free_positions``: the empty positions of given ranks (allocation draws ranks among the empty positions);
+- ``top_positions``: the empty positions of largest ``a_out[i] * a_in[j]`` (Eq. 5), walked in decreasing order.
+
+Output buffers are allocated by NumPy (so ``tracemalloc`` sees them), the kernels allocate nothing.
 """
 import types
 
@@ -457,3 +470,184 @@ max_pool2 = _build(_max_pool2)
 max_pool2_backward = _build(_max_pool2_backward)
 sgd_step_kernels = _build(_sgd_step_kernels)
 transpose_standardize = _build(_transpose_standardize)
+
+
+# ----- allocation and growth in a task's block, without materializing it (see the module docstring) -----
+_GROWTH_JIT = dict(cache=CACHE, nogil=True)  # no fastmath: scores must be the exact products np.outer computes
+
+
+def occupied_positions(indptr, indices, n_in, rows, cols):
+    """Positions of the CSR's connections (``indptr``, ``indices``; ``n_in`` input slots) inside the block
+    ``rows x cols`` (sorted slot arrays). Returns (m,) int64, increasing (the CSR order)."""
+    local = np.full(n_in, -1, np.int64)
+    local[cols] = np.arange(cols.size)
+    out = np.empty(_scan_block(indptr, indices, rows, local, cols.size, np.empty(0, np.int64)), np.int64)
+    _scan_block(indptr, indices, rows, local, cols.size, out)
+    return out
+
+
+@numba.njit(**_GROWTH_JIT)
+def _scan_block(indptr, indices, rows, local, n_cols, out):
+    """Count the block's connections; also write their positions when ``out`` has room for them. Returns the
+    count. ``local``: column of each input slot in the block, or -1."""
+    n = 0
+    for i in range(rows.size):
+        for k in range(indptr[rows[i]], indptr[rows[i] + 1]):
+            j = local[indices[k]]
+            if j >= 0:
+                if n < out.size:
+                    out[n] = i * n_cols + j
+                n += 1
+    return n
+
+
+def free_positions(occupied, ranks):
+    """The empty positions of ``ranks`` (rank r: the r-th empty position of the block, counted from 0).
+
+    occupied (m,) sorted int64 positions; ranks (k,) sorted int64. Returns (k,) int64, sorted.
+    """
+    out = np.empty(ranks.size, np.int64)
+    _free_positions(occupied, np.asarray(ranks, np.int64), out)
+    return out
+
+
+@numba.njit(**_GROWTH_JIT)
+def _free_positions(occupied, ranks, out):
+    """One merge: ``occupied[k] - k`` empty positions lie before ``occupied[k]``, so rank r is at r + (how many
+    occupied positions have at most r empty ones before them)."""
+    k = 0
+    for q in range(ranks.size):
+        while k < occupied.size and occupied[k] - k <= ranks[q]:
+            k += 1
+        out[q] = ranks[q] + k
+
+
+def top_positions(a_out, a_in, occupied, count):
+    """The ``count`` positions of the block not in ``occupied`` with the largest score ``a_out[i] * a_in[j]``, ties
+    to the lower position (all of them if fewer). a_out (rows,), a_in (cols,) non-negative; occupied (m,) sorted
+    int64. Returns (k,) int64 positions, k = min(count, empty positions), in no particular order.
+
+    Along each row, scores decrease with the columns sorted by decreasing ``a_in``: a max-heap over the rows pops
+    positions in decreasing score, O(log rows) each, until ``count`` empty ones are found. The walk meets the
+    positions of the last score T in any order; ``_lowest_ties`` then keeps the lowest empty positions of score T.
+    """
+    dtype = np.result_type(a_out, a_in)  # the dtype np.outer(a_out, a_in) computes in
+    a_out, a_in = np.asarray(a_out, dtype), np.asarray(a_in, dtype)
+    if count <= 0 or a_out.size == 0 or a_in.size == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-a_in, kind="stable")
+    sorted_in = a_in[order]
+    out, score = np.empty(count, np.int64), np.empty(count, dtype)
+    found = _top(a_out, sorted_in, order, occupied, out, score, np.empty(a_out.size, dtype),
+                 np.empty(a_out.size, np.int64), np.zeros(a_out.size, np.int64), np.zeros(a_in.size, np.bool_))
+    return out[:found]
+
+
+@numba.njit(**_GROWTH_JIT)
+def _top(a_out, sorted_in, order, occupied, out, score, heap_score, heap_row, pointer, marked):
+    """``_walk``, then ``_lowest_ties`` if ``out`` was filled (one compiled unit: one cache load). Returns how
+    many positions were kept."""
+    found = _walk(a_out, sorted_in, order, occupied, out, score, heap_score, heap_row, pointer)
+    if found == out.size:
+        _lowest_ties(a_out, sorted_in, order, occupied, out, score, marked)
+    return found
+
+
+@numba.njit(**_GROWTH_JIT)
+def _contains(sorted_values, value):
+    """Binary search (hand-written: np.searchsorted costs seconds of compilation)."""
+    lo, hi = 0, sorted_values.size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sorted_values[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < sorted_values.size and sorted_values[lo] == value
+
+
+@numba.njit(**_GROWTH_JIT)
+def _sift_down(heap_score, heap_row, k, size):
+    """Restore the max-heap below ``k`` (the first ``size`` entries)."""
+    while True:
+        child = 2 * k + 1
+        if child >= size:
+            return
+        if child + 1 < size and heap_score[child + 1] > heap_score[child]:
+            child += 1
+        if heap_score[child] <= heap_score[k]:
+            return
+        heap_score[k], heap_score[child] = heap_score[child], heap_score[k]
+        heap_row[k], heap_row[child] = heap_row[child], heap_row[k]
+        k = child
+
+
+@numba.njit(**_GROWTH_JIT)
+def _walk(a_out, sorted_in, order, occupied, out, score, heap_score, heap_row, pointer):
+    """Pop positions in decreasing score, each row at its next column (``pointer``), and keep the empty ones in
+    ``out``/``score`` until ``out`` is full. Returns how many were kept."""
+    n_rows, n_cols = a_out.size, sorted_in.size
+    for i in range(n_rows):
+        heap_score[i], heap_row[i] = a_out[i] * sorted_in[0], i
+    size = n_rows
+    for k in range(size // 2 - 1, -1, -1):
+        _sift_down(heap_score, heap_row, k, size)
+    found = 0
+    while size > 0 and found < out.size:
+        i = heap_row[0]
+        k = pointer[i]
+        position = i * n_cols + order[k]
+        if not _contains(occupied, position):
+            out[found], score[found] = position, heap_score[0]
+            found += 1
+        pointer[i] = k + 1
+        if k + 1 < n_cols:
+            heap_score[0] = a_out[i] * sorted_in[k + 1]
+        else:  # row exhausted
+            size -= 1
+            heap_score[0], heap_row[0] = heap_score[size], heap_row[size]
+        _sift_down(heap_score, heap_row, 0, size)
+    return found
+
+
+@numba.njit(**_GROWTH_JIT)
+def _count_above(a, sorted_in, t, strict):
+    """How many of the (non-increasing) ``a * sorted_in`` are > t (``strict``) or >= t: a binary search."""
+    lo, hi = 0, sorted_in.size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        s = a * sorted_in[mid]
+        if s > t or (not strict and s == t):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(**_GROWTH_JIT)
+def _lowest_ties(a_out, sorted_in, order, occupied, out, score, marked):
+    """Replace the kept positions of the last score T by the lowest empty positions of score T: rows ascending,
+    then columns ascending. In each row the columns of score T are a run of ``order``: they are marked in
+    ``marked`` ((cols,) bool, all False) and read back in column order."""
+    t = score[out.size - 1]
+    kept = 0
+    while score[kept] > t:  # the walk kept scores > T first
+        kept += 1
+    n_cols = sorted_in.size
+    for i in range(a_out.size):
+        lo = _count_above(a_out[i], sorted_in, t, True)
+        hi = _count_above(a_out[i], sorted_in, t, False)
+        if lo == hi:
+            continue
+        first, last = n_cols, -1
+        for k in range(lo, hi):
+            marked[order[k]] = True
+            first, last = min(first, order[k]), max(last, order[k])
+        for j in range(first, last + 1):
+            if marked[j]:
+                marked[j] = False
+                if kept < out.size and not _contains(occupied, i * n_cols + j):
+                    out[kept] = i * n_cols + j
+                    kept += 1
+        if kept == out.size:
+            return

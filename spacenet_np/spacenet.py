@@ -11,7 +11,8 @@ switched names its ``SpaceNetConfig`` field (default first: the behaviour the pu
   drops, as the official code does.
 - A connection dropped in a rewiring is not grown back at the same position in that rewiring (the official code
   masks those positions too), unless the selected block has too few other empty positions to keep the task's
-  connection count. Grown connections start with weight 0 and Omega 0.
+  connection count. Grown connections start with weight 0 and Omega 0. Among positions of equal score, growth
+  takes the lower one (by row slot, then column slot) first.
 - Rewiring follows every epoch but the last (official code). Switch: ``rewire_last_epoch`` = False | True (then
   ``epochs`` rewirings, the last one right before reservation).
 - Rewiring applies to every layer except the output layer (official code). Switch: ``rewire_output`` = False |
@@ -241,13 +242,17 @@ class SpaceNet(Learner):
         return state
 
     def _allocate_layer(self, l, layer, state):
+        """Algorithm 2, line 5: ``count`` connections at random empty positions of the block targets x sources."""
         rows, cols = self.targets(state, layer), state.selected[layer.in_pos]
         count = self.config.connection_count(l, layer.in_index.width, layer.out_index.width)
-        free_positions = np.flatnonzero(self._free_block(layer, rows, cols))
-        if count > free_positions.size:
-            raise ValueError(f"connections_per_task[{l}]={count} exceeds the {free_positions.size} empty positions "
+        occupied = self._occupied(layer, rows, cols)
+        n_empty = rows.size * cols.size - occupied.size
+        if count > n_empty:
+            raise ValueError(f"connections_per_task[{l}]={count} exceeds the {n_empty} empty positions "
                              f"between the {cols.size} x {rows.size} selected neurons of layer {l}")
-        chosen = np.sort(self.rng.choice(free_positions, size=count, replace=False))
+        # Choosing ranks draws exactly what choosing from the list of empty positions would (it depends only on
+        # the list's length), without listing them.
+        chosen = kernels.free_positions(occupied, np.sort(self.rng.choice(n_empty, size=count, replace=False)))
         weights = self.init_weights(layer, rows, cols, count)
         layer.add_connections(rows[chosen // cols.size], cols[chosen % cols.size], weights, state.task)
 
@@ -259,14 +264,10 @@ class SpaceNet(Learner):
         return selected[self.model.neurons[position].reserved_by[selected] == FREE]
 
     @staticmethod
-    def _free_block(layer, rows, cols):
-        """Empty positions of the block ``rows x cols`` (sorted slot arrays). Returns (rows * cols,) bool."""
-        free = np.ones(rows.size * cols.size, dtype=bool)
-        in_block = np.isin(layer.rows, rows) & np.isin(layer.indices, cols)
-        local = (np.searchsorted(rows, layer.rows[in_block]) * cols.size
-                 + np.searchsorted(cols, layer.indices[in_block]))
-        free[local] = False
-        return free
+    def _occupied(layer, rows, cols):
+        """The connections inside the block ``rows x cols`` (sorted slot arrays) as positions ``i * cols.size + j``.
+        Returns (m,) int64, increasing."""
+        return kernels.occupied_positions(layer.indptr, layer.indices, layer.in_index.n_slots, rows, cols)
 
     def set_aside_old_heads(self, task):
         """Algorithm 1, lines 14-15: old tasks' output connections leave the network while ``task`` trains."""
@@ -341,10 +342,10 @@ class SpaceNet(Learner):
         layers = self.model.layers if self.config.rewire_output else self.model.layers[:-1]
         for layer in layers:
             rows, cols = self.targets(state, layer), state.selected[layer.in_pos]
-            fresh = self._free_block(layer, rows, cols)
+            occupied = self._occupied(layer, rows, cols)
             dropped = self.drop(layer, state.task)
-            self.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], fresh,
-                      self._free_block(layer, rows, cols), dropped.size)
+            self.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], occupied,
+                      dropped.size)
         self.refresh_trainable(state)
 
     def drop(self, layer, task):
@@ -358,23 +359,25 @@ class SpaceNet(Learner):
         return least
 
     @staticmethod
-    def grow(layer, task, rows, cols, row_importance, col_importance, fresh, empty, count):
+    def grow(layer, task, rows, cols, row_importance, col_importance, occupied, count):
         """Grow phase: add ``count`` zero weights at the empty positions with the largest ``a_{l-1} a_l^T`` (Eq. 5).
 
-        rows/cols are the selected slots (sorted); ``fresh`` and ``empty`` (rows * cols,) bool mark the positions
-        that were empty before the drop and those empty after it. Fresh positions come first; just-dropped ones
-        are used only when the block has too few fresh positions to keep the connection count.
+        rows/cols are the selected slots (sorted); ``occupied`` ((m,) sorted int64 positions ``i * cols.size + j``,
+        see ``_occupied``) lists the block's connections before the drop. Fresh positions (empty before the drop)
+        come first; just-dropped ones are used only when the block has too few fresh positions to keep the
+        connection count. Best score first; equal scores: lower position first. Importances (neuron slots,) must be
+        >= 0. Costs O(rows + cols + connections in the block + positions considered), not O(rows * cols).
         """
         if count == 0:
             return
-        score = np.outer(row_importance[rows], col_importance[cols]).ravel()
-        rank = np.where(fresh, score, -np.inf)
-        top = np.argpartition(-rank, count - 1)[:count] if count < rank.size else np.arange(rank.size)
-        top = top[fresh[top]]
+        a_out, a_in = row_importance[rows], col_importance[cols]
+        if not (np.all(a_out >= 0) and np.all(a_in >= 0)):
+            raise ValueError("grow needs non-negative, non-NaN neuron importances")
+        top = kernels.top_positions(a_out, a_in, occupied, count)
         if top.size < count:  # too few fresh positions: regrow the best just-dropped ones
-            refill = np.flatnonzero(empty & ~fresh)
-            refill = refill[np.argsort(-score[refill], kind="stable")[:count - top.size]]
-            top = np.concatenate([top, refill])
+            refill = np.setdiff1d(occupied, SpaceNet._occupied(layer, rows, cols), assume_unique=True)
+            score = a_out[refill // cols.size] * a_in[refill % cols.size]
+            top = np.concatenate([top, refill[np.argsort(-score, kind="stable")[:count - top.size]]])
         layer.add_connections(rows[top // cols.size], cols[top % cols.size],
                               np.zeros(layer.weight_shape(count), np.float32), task)
 

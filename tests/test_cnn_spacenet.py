@@ -423,7 +423,7 @@ def test_drop_and_grow_called_directly_move_whole_kernels(setup, seed):
         layer.weights[:] = (np.arange(layer.nnz)[:, None] * 16 + np.arange(TAPS)).astype(np.float32)
         before, pattern = positions(layer), kernel_weights(layer)
         rows, cols = state.selected[layer.out_pos], state.selected[layer.in_pos]
-        fresh = sn._free_block(layer, rows, cols)
+        occupied = sn._occupied(layer, rows, cols)
         count = int(setup.config.rewire_ratio * mine.size)
         least = {(int(layer.rows[k]), int(layer.indices[k]))
                  for k in mine[np.argsort(layer.importance[mine])[:count]]}
@@ -437,16 +437,16 @@ def test_drop_and_grow_called_directly_move_whole_kernels(setup, seed):
             assert np.array_equal(w, pattern[key]), "a kernel lost or mixed up some of its nine weights"
             assert positions(layer)[key] == before[key]
 
-        empty = sn._free_block(layer, rows, cols)
-        sn.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], fresh,
-                empty, dropped.size)
+        sn.grow(layer, state.task, rows, cols, importance[layer.out_pos], importance[layer.in_pos], occupied,
+                dropped.size)
 
         assert_whole_kernels(layer)
         after = positions(layer)
         assert layer.connections_of(state.task).size == mine.size
         grown = set(after) - (set(before) - least)
         assert len(grown) == count
-        fresh_keys = {(int(rows[i // cols.size]), int(cols[i % cols.size])) for i in np.flatnonzero(fresh)}
+        fresh_keys = {(int(rows[i // cols.size]), int(cols[i % cols.size])) for i in
+                      np.setdiff1d(np.arange(rows.size * cols.size), occupied)}
         assert grown <= fresh_keys | least, "grown only where the block was empty before the drop, or regrown"
         for key in grown:
             assert after[key][0] == state.task and after[key][2] == 0.0
