@@ -26,7 +26,7 @@ def tuned_entries():
         paper = presets.paper(spec["arch"], spec["width"], spec["hidden"])["config"]
         config = {k: v for k, v in spec["config"].items() if paper.get(k, default_of(k)) != v}
         entries[(spec["task"], spec["method"])] = {
-            "config": config, "source": str(chosen_path.relative_to(ROOT.parents[2])), "trial": trial,
+            "config": config, "source": str(chosen_path.relative_to(ROOT.parents[3])), "trial": trial,
             "val_mean_seeds_0_9": round(chosen["candidates"][str(trial)]["val_mean"], 2)}
     return entries
 
