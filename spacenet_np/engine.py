@@ -41,7 +41,8 @@ from . import experiment
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                      "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
 CONNECT_TIMEOUT = "20s"  # to reach an existing scheduler
-LOG_LEVEL = logging.ERROR  # Dask warns about every task cancelled at Ctrl-C; the engine reports failures itself
+LOG_LEVEL = logging.CRITICAL  # Dask logs cancelled tasks and shutdown races (a worker heartbeat to a closed
+# scheduler) with tracebacks; the engine reports every failure itself
 
 
 class EngineError(RuntimeError):
