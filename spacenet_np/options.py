@@ -149,7 +149,8 @@ class Option:
         valid = f"one of {format_value(self.choices, self)}" if self.choices else (
             self.describe_range() if self.type in (int, float) and (self.low, self.high) != (None, None) else "")
         default = f"default {format_value(self.default, self)}" if show_default else ""
-        extra = "; ".join(p for p in (valid, default) if p)
+        layers = "one value per layer, or one for every layer" if self.per_layer else ""
+        extra = "; ".join(p for p in (valid, layers, default) if p)
         return f"{self.help} ({extra})"
 
     def to_dict(self):

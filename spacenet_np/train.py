@@ -169,12 +169,18 @@ def method_option_names():
 def base_spec(args):
     """The run's spec with seed 0, from the preset and the given arguments. SpecError naming a bad value."""
     method = args.method or "spacenet"
-    config = {name: getattr(args, name) for name in experiment.CONFIG_OPTIONS if getattr(args, name) is not None}
+    config = {name: one_for_all(getattr(args, name)) for name in experiment.CONFIG_OPTIONS
+              if getattr(args, name) is not None}
     options = {name: getattr(args, name) for name in method_options(METHODS[method])
                if getattr(args, name) is not None}
     return experiment.make_spec(args.task, method, 0, args.preset or "paper", config, options,
                                 0.0 if args.validation is None else args.validation, args.data_dir,
                                 args.arch or "auto", args.width or "standard", args.hidden, stream_options(args))
+
+
+def one_for_all(value):
+    """A per-layer flag given one value: that value for every layer (``make_spec`` broadcasts it)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def stream_options(args):

@@ -124,3 +124,9 @@ def test_validation_split_is_recorded(data_dir, tmp_path):
     assert split["fraction"] == 0.2 and sum(split["validation_counts"]) == 40  # 20 % of 200 tiny images
     assert [len(row) for row in run["val_accuracy_matrix"]] == [1, 2, 3, 4, 5]
     assert run["val_final_average_accuracy"] == pytest.approx(np.mean(run["val_accuracy_matrix"][-1]))
+
+
+def test_one_value_of_a_per_layer_flag_applies_to_every_layer(data_dir, tmp_path):
+    assert run_cli(data_dir, tmp_path / "out", "--selected", "12", "--reserved", "3") == 0
+    config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
+    assert config["selected_neurons"] == [12, 12] and config["reserved_neurons"] == [3, 3]
