@@ -29,16 +29,16 @@ import numpy as np
 
 from benchmarks.cnn_reference import DenseCNN
 from benchmarks.common import machine_info, md_table, reproduce_command, write_results
+from spacenet_np.experiment import build_config, make_spec
 from spacenet_np.network import SparseCNN, standardize_batch
+from spacenet_np.presets import CNN_WIDTHS
 from spacenet_np.spacenet import SpaceNet
 from spacenet_np.streams import split_cifar10
-from spacenet_np.train import CNN_WIDTHS, build_parser, config_from_args
 
 
 def spacenet_epoch(stream, task, width, seed):
     """Seconds for allocation + one epoch + the rewiring of a fresh SpaceNet learner on ``task``; its loss."""
-    args = build_parser().parse_args(["--task", "split_cifar10", "--width", width])
-    config = config_from_args(args)
+    config = build_config(make_spec("split_cifar10", width=width))  # the CLI's paper preset
     model = SparseCNN(stream.image_shape, CNN_WIDTHS[width], (512,), stream.n_classes)
     learner = SpaceNet(model, config, seed=seed, input_mean=stream.feature_mean, input_std=stream.feature_std)
     losses = []

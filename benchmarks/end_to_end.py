@@ -45,12 +45,12 @@ LABELS = {"spacenet_np": "spacenet_np (sparse, Numba)", "dense": "dense referenc
 def make_learner(impl, stream, hidden, seed):
     """A learner with ``learn(images, labels, classes, on_batch, on_epoch)`` and ``predict(images)``."""
     if impl == "spacenet_np":
+        from spacenet_np.experiment import build_config, make_spec
         from spacenet_np.network import SparseMLP
         from spacenet_np.spacenet import SpaceNet
-        from spacenet_np.train import build_parser, config_from_args
-        args = build_parser().parse_args(["--task", "split_mnist", "--hidden", *[str(h) for h in hidden]])
+        config = build_config(make_spec("split_mnist", hidden=list(hidden)))  # the CLI's paper preset
         model = SparseMLP(stream.n_features, hidden, stream.n_classes)
-        return SpaceNet(model, config_from_args(args), seed=seed, input_mean=stream.mean, input_std=stream.std)
+        return SpaceNet(model, config, seed=seed, input_mean=stream.mean, input_std=stream.std)
     if impl == "dense":
         from benchmarks.dense_reference import DenseSpaceNet, default_config
         return DenseSpaceNet([stream.n_features, *hidden, stream.n_classes], default_config(hidden), seed=seed,
@@ -74,8 +74,9 @@ def child_main(impl, seed, hidden, warmup=False, n_tasks=None):
     matrix, epoch_s, task_train_s, task_eval_s = [], [], [], []
     for task in tasks:
         x, y = task.x_train, task.y_train
-        if warmup:
-            x, y = x[:1024], y[:1024]
+        if warmup:  # the first and last 512 images: both classes (the task is sorted by label)
+            ids = np.r_[0:512, len(y) - 512:len(y)]
+            x, y = x[ids], y[ids]
         marks = [time.perf_counter()]
         learner.learn(x, y, task.classes, on_epoch=lambda epoch: marks.append(time.perf_counter()))
         done = time.perf_counter()

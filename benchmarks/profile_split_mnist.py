@@ -41,7 +41,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, kernel_pairs, machine_info, md_table, reproduce_command, write_results
-from spacenet_np import kernels, train
+from spacenet_np import experiment, kernels, train
 from spacenet_np.spacenet import SpaceNet
 
 KERNEL_NAMES = tuple(kernel_pairs(kernels))  # every (serial, parallel) pair of spacenet_np.kernels
@@ -98,9 +98,11 @@ class Instrument:
         return _renamed(wrapper, f"timed_{method_name}")
 
     def install(self):
-        if hasattr(train, "get_stream"):  # data loading, as the CLI calls it
-            self.saved_get_stream = train.get_stream
-            train.get_stream = self._method_wrapper("load_data", "load_data", self.saved_get_stream)
+        # data loading, as the CLI calls it; the per-process stream cache is emptied so every run loads it
+        experiment._load_stream.cache_clear()
+        experiment._fingerprint.cache_clear()
+        self.saved_get_stream = experiment.get_stream
+        experiment.get_stream = self._method_wrapper("load_data", "load_data", self.saved_get_stream)
         for name in KERNEL_NAMES:
             serial, parallel = self.saved_kernels[name] = getattr(kernels, name)
             setattr(kernels, name, (self._kernel_wrapper(name, "serial", serial),
@@ -114,7 +116,7 @@ class Instrument:
 
     def remove(self):
         if getattr(self, "saved_get_stream", None) is not None:
-            train.get_stream = self.saved_get_stream
+            experiment.get_stream = self.saved_get_stream
         for name, pair in self.saved_kernels.items():
             setattr(kernels, name, pair)
         for method_name, method in self.saved_methods.items():
