@@ -9,7 +9,7 @@ mkdir -p "$out/logs"
 for method in spacenet static finetune; do
   NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
     python -m spacenet_np.train --task split_cifar10 --method "$method" --seeds 0 \
-    --out "$out/split_cifar10-$method" > "$out/logs/split_cifar10-$method.log" 2>&1 &
+    --out "$out/split_cifar10-$method" --overwrite > "$out/logs/split_cifar10-$method.log" 2>&1 &
 done
 wait
 python -m spacenet_np.report "$out"/split_cifar10-* --out "$out/report"

@@ -7,7 +7,7 @@ for task in split_mnist split_fashion_mnist; do
   for method in spacenet static rehearsal finetune joint ewc; do
     echo "== $task $method"
     python -m spacenet_np.train --task "$task" --method "$method" --seeds 0 1 2 3 4 --quiet \
-      --out "$out/runs/$task-$method"
+      --out "$out/runs/$task-$method" --overwrite
   done
 done
 python -m spacenet_np.report "$out"/runs/* --out "$out/report"
