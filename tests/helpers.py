@@ -9,6 +9,7 @@ centre in pixel space, samples are the centre plus Gaussian noise, clipped to [0
 ``spread``) give an easy problem for the end-to-end tests; the property tests only need data to train on.
 """
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -228,3 +229,34 @@ def write_cifar100(root: Path, style: str = "py2") -> dict:
     write_pickle(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
                                    b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, style)
     return arrays
+
+
+# ----- CLI runs -----
+def results_without_time(run_dir):
+    """A run folder's results.json without the wall times, which differ between otherwise identical runs."""
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    for run in results["runs"]:
+        del run["wall_time_s"]
+    return results
+
+
+def interrupt_after(monkeypatch, tasks, seed=None):
+    """Make the train CLI raise KeyboardInterrupt in the first batch after the learner of ``seed`` (any seed when
+    None) has checkpointed ``tasks`` finished tasks. Returns a function that lets batches run again."""
+    from spacenet_np import checkpoint, train
+    saved = {"tasks": 0}
+    original_save, original_batch = checkpoint.save_learner, train.Progress.batch
+
+    def counting_save(path, learner, progress=None):
+        if seed is None or progress["seed"] == seed:
+            saved["tasks"] = learner.tasks_learned
+        return original_save(path, learner, progress)
+
+    def interrupting_batch(self, loss, n_images):
+        if saved["tasks"] == tasks:
+            raise KeyboardInterrupt
+        original_batch(self, loss, n_images)
+
+    monkeypatch.setattr(checkpoint, "save_learner", counting_save)
+    monkeypatch.setattr(train.Progress, "batch", interrupting_batch)
+    return lambda: monkeypatch.setattr(train.Progress, "batch", original_batch)

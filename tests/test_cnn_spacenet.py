@@ -19,7 +19,9 @@ from helpers import (
     N10_BATCH,
     N100_TEST,
     N100_TRAIN,
+    interrupt_after,
     make_blobs,
+    results_without_time,
     task_split,
     write_cifar10,
     write_cifar100,
@@ -28,7 +30,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spacenet_np import checkpoint, data, train
+from spacenet_np import data, train
 from spacenet_np.checkpoint import load, predict_from_checkpoint, restore_learner, save_learner, save_model
 from spacenet_np.layers import FREE, SparseConv2d
 from spacenet_np.methods import METHODS, FineTune
@@ -798,13 +800,6 @@ def cifar_dir(tmp_path, monkeypatch):
     return tmp_path / "data"
 
 
-def results_without_time(run_dir):
-    results = json.loads((run_dir / "results.json").read_text())
-    for run in results["runs"]:
-        del run["wall_time_s"]
-    return results
-
-
 def test_cli_split_cifar10_trains_the_paper_cnn(cifar_dir, tmp_path):
     out = tmp_path / "out"
     assert train.main(["--task", "split_cifar10", "--epochs", "1", "--width", "standard", "--batch-size", "8",
@@ -856,24 +851,11 @@ def test_cli_cnn_run_resumes_to_identical_results(cifar_dir, tmp_path, monkeypat
     assert train.main(args + ["--out", str(full)]) == 0
     assert json.loads((full / "results.json").read_text())["config"]["architecture"]["kind"] == "cnn"
 
-    saved = {"tasks": 0}
-    original_save, original_batch = checkpoint.save_learner, train.Progress.batch
-
-    def counting_save(path, learner, progress=None):
-        saved["tasks"] = learner.tasks_learned
-        return original_save(path, learner, progress)
-
-    def interrupt_in_task_4(self, loss, n_images):
-        if saved["tasks"] == 3:
-            raise KeyboardInterrupt
-        original_batch(self, loss, n_images)
-
-    monkeypatch.setattr(checkpoint, "save_learner", counting_save)
-    monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_4)
+    resume_batches = interrupt_after(monkeypatch, tasks=3)  # in task 4
     assert train.main(args + ["--out", str(cut)]) == 130
     assert not (cut / "results.json").exists()
     assert load(cut / "checkpoints" / "seed0.ckpt").tasks_learned == 3
-    monkeypatch.setattr(train.Progress, "batch", original_batch)
+    resume_batches()
     assert train.main(["--resume", str(cut)]) == 0
     assert results_without_time(cut) == results_without_time(full)
 

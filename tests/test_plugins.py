@@ -7,7 +7,6 @@ sharing the environment never see it, and nothing needs uninstalling. The folder
 """
 import importlib
 import importlib.metadata
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_blobs, tiny_config
+from helpers import interrupt_after, make_blobs, results_without_time, tiny_config
 
 from spacenet_np import checkpoint, plugins, sweep, train
 from spacenet_np.methods import METHODS, FineTune
@@ -68,13 +67,6 @@ def npz_task(tmp_path_factory):
     return f"npz:{path}"
 
 
-def results_without_time(run_dir):
-    results = json.loads((run_dir / "results.json").read_text())
-    for run in results["runs"]:
-        del run["wall_time_s"]
-    return results
-
-
 def test_the_installed_package_registers_the_method(installed):
     (ep,) = [ep for ep in importlib.metadata.entry_points(group=plugins.GROUP) if ep.name == PLUGIN]
     assert ep.dist.name == "spacenet-np-testplugin"
@@ -103,26 +95,13 @@ def test_cli_trains_the_plugin_and_resumes_from_its_checkpoint(installed, npz_ta
     results = results_without_time(full)
     assert results["method"] == PLUGIN and results["spec"]["method_options"] == {"total_tasks": None, "decay": 0.25}
 
-    saved = {"tasks": 0}
-    original_save, original_batch = checkpoint.save_learner, train.Progress.batch
-
-    def counting_save(path, learner, progress=None):
-        saved["tasks"] = learner.tasks_learned
-        return original_save(path, learner, progress)
-
-    def interrupt_in_task_2(self, loss, n_images):
-        if saved["tasks"] == 1:
-            raise KeyboardInterrupt
-        original_batch(self, loss, n_images)
-
-    monkeypatch.setattr(checkpoint, "save_learner", counting_save)
-    monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_2)
+    resume_batches = interrupt_after(monkeypatch, tasks=1)  # in task 2
     assert train.main(args + ["--out", str(cut)]) == 130
     ckpt = cut / "checkpoints" / "seed0.ckpt"
     learner = checkpoint.restore_learner(ckpt, METHODS)
     assert type(learner) is METHODS[PLUGIN] and learner.tasks_learned == 1 and learner.decay == 0.25
     assert learner.total_tasks == 2 and learner.class_counts.tolist() == [30, 30, 0, 0]
-    monkeypatch.setattr(train.Progress, "batch", original_batch)
+    resume_batches()
     assert train.main(["--resume", str(cut)]) == 0
     assert results_without_time(cut) == results
 

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import write_tiny_dataset
+from helpers import interrupt_after, results_without_time, write_tiny_dataset
 
 from spacenet_np import checkpoint, train
 
@@ -21,40 +21,19 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def results_without_time(run_dir):
-    results = json.loads((run_dir / "results.json").read_text())
-    for run in results["runs"]:
-        del run["wall_time_s"]
-    return results
-
-
 @pytest.mark.parametrize("method", ["spacenet", "rehearsal", "ewc"])
 def test_interrupted_run_resumes_to_identical_results(data_dir, tmp_path, monkeypatch, method):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ARGS + ["--method", method, "--data-dir", str(data_dir)]
     assert train.main(args + ["--out", str(full)]) == 0
 
-    saved = {"seed1_tasks": 0}
-    original_save, original_batch = checkpoint.save_learner, train.Progress.batch
-
-    def counting_save(path, learner, progress=None):
-        if progress["seed"] == 1:
-            saved["seed1_tasks"] = learner.tasks_learned
-        return original_save(path, learner, progress)
-
-    def interrupt_in_task_4_of_seed_1(self, loss, n_images):
-        if saved["seed1_tasks"] == 3:
-            raise KeyboardInterrupt
-        original_batch(self, loss, n_images)
-
-    monkeypatch.setattr(checkpoint, "save_learner", counting_save)
-    monkeypatch.setattr(train.Progress, "batch", interrupt_in_task_4_of_seed_1)
+    resume_batches = interrupt_after(monkeypatch, tasks=3, seed=1)  # in task 4 of seed 1
     monkeypatch.setattr(train.Progress, "start_epoch", lambda self, *a: None)
     assert train.main(args + ["--out", str(cut)]) == 130
     partial = json.loads((cut / "results.json").read_text())  # seed 0 finished before the interrupt
     assert not partial["complete"] and [r["seed"] for r in partial["runs"]] == [0]
     assert checkpoint.load(cut / "checkpoints" / "seed1.ckpt").tasks_learned == 3
-    monkeypatch.setattr(train.Progress, "batch", original_batch)
+    resume_batches()
     assert train.main(["--resume", str(cut)]) == 0
     assert results_without_time(cut) == results_without_time(full)
 

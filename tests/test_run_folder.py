@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import write_tiny_dataset
+from helpers import results_without_time, write_tiny_dataset
 
 from spacenet_np import checkpoint, train
 
@@ -33,13 +33,6 @@ def cli(data_dir, out, *extra, task="split_mnist", epochs="2"):
 def folder_state(path):
     """Every file under ``path`` with its bytes: to show that a refused run changed nothing."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
-
-
-def results_without_time(run_dir):
-    results = json.loads((Path(run_dir) / "results.json").read_text())
-    for run in results["runs"]:
-        del run["wall_time_s"]
-    return results
 
 
 def start_cli(args, **kwargs):
