@@ -53,8 +53,9 @@ class DenseCNN:
             self._buffers[name] = np.empty(shape, dtype)
         return self._buffers[name]
 
-    def train_step(self, x, labels, lr):
-        """Forward, loss, backward and SGD on every weight. x (n_features, batch) float32. Returns the loss."""
+    def forward(self, x):
+        """Logits (n_classes, batch) of x (n_features, batch) float32, and what the backward pass needs: each
+        layer's input, im2col matrix and pooling winners."""
         batch = x.shape[1]
         inputs, cols, argmax = [], [], []
         h = x.reshape(*self.image_shape, batch)
@@ -85,6 +86,13 @@ class DenseCNN:
             flat = out.reshape(out.shape[0], -1)
             kernels.pick(kernels.add_bias, flat.size)(flat, layer["b"], l < last)
             h = out
+        return h, inputs, cols, argmax
+
+    def train_step(self, x, labels, lr):
+        """Forward, loss, backward and SGD on every weight. x (n_features, batch) float32. Returns the loss."""
+        batch = x.shape[1]
+        h, inputs, cols, argmax = self.forward(x)
+        last = len(self.layers) - 1
         loss, delta = softmax_cross_entropy(h, labels)
         for l in range(last, -1, -1):
             layer = self.layers[l]
