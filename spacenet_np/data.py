@@ -671,12 +671,38 @@ def _map_npy(path: Path, recorded: dict, shape: tuple[int, ...], verify: bool = 
         if dtype != np.uint8 or fortran_order or header_shape != shape or offset + math.prod(shape) != size:
             raise _StaleCache(f"holds a {dtype} {'Fortran' if fortran_order else 'C'}-order array of shape "
                               f"{header_shape} in {size} bytes; the gz holds uint8 {shape}")
+        if verify:  # read through the file, not the mapping: pages are mapped into the process only when used
+            f.seek(0)
+            hasher = hashlib.blake2b(digest_size=32)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                hasher.update(chunk)
+            digest = hasher.hexdigest()
+            if digest != recorded["blake2b"]:
+                raise _StaleCache(f"its contents are corrupt: blake2b {digest}, the sidecar records "
+                                  f"{recorded['blake2b']}")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if verify:
-        digest = hashlib.blake2b(mapped, digest_size=32).hexdigest()
-        if digest != recorded["blake2b"]:
-            raise _StaleCache(f"its contents are corrupt: blake2b {digest}, the sidecar records {recorded['blake2b']}")
     return np.frombuffer(mapped, dtype=np.uint8, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped cache array from this process's memory (``madvise(MADV_DONTNEED)``).
+
+    For an array that views a cache mapping (``_map_npy``), such as a finished task's training images; its values
+    do not change, a later read maps the pages again from the page cache. The whole pages inside the array are
+    released; anything else (an array in ordinary memory, a system without madvise) is left as it is.
+    """
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer over an mmap
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or not array.flags.c_contiguous:
+        return
+    start = array.__array_interface__["data"][0] - np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _cached_array(entry: _CacheEntry, gz: Path, order_key: str, shape: tuple[int, ...],

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import checkpoint, metrics, npz_stream, presets, spacenet
+from . import checkpoint, data, metrics, npz_stream, presets, spacenet
 from .checkpoint import CheckpointError
 from .methods import METHODS
 from .network import SparseCNN, SparseMLP
@@ -281,6 +281,7 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
     for task in stream.tasks[learner.tasks_learned:]:
         task_start = time.perf_counter()
         learn_task(learner, task, progress, config.batch_size)
+        data.release_pages(task.x_train)  # a finished task's training images need not stay in memory
         test_matrix.append(metrics.evaluate_tasks(learner.predict, stream.tasks[:task.index + 1]))
         val_matrix.append(metrics.evaluate_tasks(learner.predict, val_tasks[:task.index + 1]) if val_tasks else [])
         elapsed = time_before + time.perf_counter() - start

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spacenet_np.data import CIFAR10, CIFAR100, CIFAR_IMAGE_SHAPE, load_cifar, load_mnist_like
+from spacenet_np.data import CIFAR10, CIFAR100, CIFAR_IMAGE_SHAPE, load_cifar, load_mnist_like, release_pages
 
 __all__ = [
     "STREAMS",
@@ -361,4 +361,5 @@ def stream_fingerprint(stream: Stream) -> str:
         for array in (task.x_train, task.y_train, task.x_test, task.y_test):
             h.update(repr((array.dtype.str, array.shape)).encode())
             h.update(hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=32).digest())
+            release_pages(array)  # hashing must not keep every image of the stream in memory
     return h.hexdigest()
