@@ -10,6 +10,10 @@ because starting threads costs more than small products (an output layer with 80
 Each kernel writes every output element from one thread in a fixed order, so results do not depend on the number
 of threads.
 
+``mlp_train_step`` is a whole SGD step of a ``SparseMLP`` in one call (forward, softmax cross-entropy, then per
+layer the input gradient, dL/dW, SGD with Omega and the bias step), built from the kernels above; its loss and bias
+steps are compiled without fastmath to reproduce NumPy's float32 roundings and summation order.
+
 Kernels are compiled on first use and cached on disk (``cache=True``). ``numba_cache.configure`` picks the cache
 folder before numba is imported: ``$NUMBA_CACHE_DIR`` if set, else the package's ``__pycache__``, else a user or
 temporary folder, so that a read-only installation imports; with no writable folder at all caching is off
@@ -199,6 +203,199 @@ csc_backward_input = _build(_csc_backward_input)
 sampled_weight_grad = _build(_sampled_weight_grad)
 sgd_step_with_importance = _build(_sgd_step_with_importance)
 transpose_lookup = _build(_transpose_lookup)
+
+
+# ----- the fused training step of a SparseMLP -----
+# One call per batch: forward, softmax cross-entropy, then per layer (top first) the input gradient, dL/dW at the
+# trainable connections, SGD with Omega and the bias step, in the order of ``Learner.train_step``. The sparse
+# products call the kernels above (serial or parallel build, chosen by work as ``pick`` does), so they give the
+# same bits as the per-layer path. The loss and the bias step are compiled without fastmath and reproduce NumPy's
+# float32 operations and summation order; only ``exp`` and ``log`` (libm's here, NumPy's own SIMD versions there)
+# can differ in the last bit.
+_EXACT = dict(cache=CACHE, nogil=True, boundscheck=False)  # no fastmath: NumPy's roundings, operation by operation
+_csr_forward_serial, _csr_forward_parallel = csr_forward
+_csc_backward_input_serial, _csc_backward_input_parallel = csc_backward_input
+_sampled_weight_grad_serial, _sampled_weight_grad_parallel = sampled_weight_grad
+_sgd_step_serial, _sgd_step_parallel = sgd_step_with_importance
+
+
+@numba.njit(**_EXACT)
+def _pairwise_block(a, start, n):
+    """NumPy's float32 sum of ``a[start:start + n]``, n <= 128: below 8 values in order, else eight interleaved
+    accumulators combined as a tree, then the rest in order."""
+    if n < 8:
+        res = np.float32(0.0)
+        for i in range(start, start + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    i = 8
+    while i < n - n % 8:
+        p = start + i
+        r0 += a[p]
+        r1 += a[p + 1]
+        r2 += a[p + 2]
+        r3 += a[p + 3]
+        r4 += a[p + 4]
+        r5 += a[p + 5]
+        r6 += a[p + 6]
+        r7 += a[p + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+@numba.njit(**_EXACT)
+def _pairwise_node(n, position, depth):
+    """The node at ``depth`` of NumPy's summation tree over n values that contains ``position``, or the leaf
+    (at most 128 values) above it. Returns (offset, size, its depth)."""
+    offset, size, d = 0, n, 0
+    while d < depth and size > 128:
+        half = size // 2 - size // 2 % 8
+        if position < offset + half:
+            size = half
+        else:
+            offset, size = offset + half, size - half
+        d += 1
+    return offset, size, d
+
+
+@numba.njit(**_EXACT)
+def pairwise_sum(a, start, n, work):
+    """``a[start:start + n].sum()`` for float32 ``a`` (1-d), bit for bit as NumPy sums a contiguous float32 run.
+
+    Up to 128 values: ``_pairwise_block``. Above, NumPy sums the two halves (the first a multiple of 8 long)
+    recursively and adds them. Numba cannot load a cached caller of a recursive function, so the tree is evaluated
+    here deepest level first, each node's sum kept at work[its offset]: work (>= n,) float32 scratch, not used
+    up to 128 values. The caller adds the result to 0, as NumPy's reduction does.
+    """
+    if n <= 128:
+        return _pairwise_block(a, start, n)
+    deepest, deeper = 0, True
+    while deeper:  # is some node at depth ``deepest`` split?
+        deeper, p = False, 0
+        while p < n:
+            offset, size, d = _pairwise_node(n, p, deepest)
+            deeper = deeper or (d == deepest and size > 128)
+            p = offset + size
+        if deeper:
+            deepest += 1
+    for depth in range(deepest, -1, -1):
+        p = 0
+        while p < n:
+            offset, size, d = _pairwise_node(n, p, depth)
+            if d == depth:
+                if size <= 128:
+                    work[offset] = _pairwise_block(a, start + offset, size)
+                else:
+                    work[offset] += work[offset + size // 2 - size // 2 % 8]
+            p = offset + size
+    return work[0]
+
+
+@numba.njit(**_EXACT)
+def softmax_cross_entropy(logits, labels, masked, classes, delta, sum_exp, losses):
+    """Mean softmax cross-entropy of ``logits`` and its gradient, as ``network.softmax_cross_entropy`` computes them.
+
+    logits (n_classes, batch) float32, labels (batch,) int; with ``masked`` only the classes where ``classes``
+    (n_classes,) bool is True are in the softmax (the others' logits count as -inf: exp 0, gradient exactly 0).
+    Writes dL/dlogits of the batch mean into delta (n_classes, batch) float32; sum_exp and losses (batch,) float32
+    are scratch. Returns the loss (float32).
+    """
+    n_classes, batch = logits.shape
+    column_max = losses
+    for b in range(batch):
+        column_max[b] = -np.inf
+        sum_exp[b] = 0.0
+    for c in range(n_classes):
+        if masked and not classes[c]:
+            continue
+        row = logits[c]
+        for b in range(batch):
+            if row[b] > column_max[b] or row[b] != row[b]:  # NaN propagates, as in np.max
+                column_max[b] = row[b]
+    for c in range(n_classes):
+        row, out = logits[c], delta[c]
+        for b in range(batch):
+            e = np.float32(0.0) if masked and not classes[c] else np.exp(row[b] - column_max[b])
+            out[b] = e
+            sum_exp[b] += e
+    for b in range(batch):
+        label = labels[b]
+        losses[b] = np.log(sum_exp[b]) - (logits[label, b] - column_max[b])
+    fbatch = np.float32(batch)
+    for c in range(n_classes):
+        out = delta[c]
+        for b in range(batch):
+            d = out[b] / sum_exp[b]
+            if labels[b] == c:
+                d -= np.float32(1.0)
+            out[b] = d / fbatch
+    return (np.float32(0.0) + pairwise_sum(losses, 0, batch, sum_exp)) / fbatch
+
+
+@numba.njit(**_EXACT)
+def bias_step(delta, lr, mask, bias, work):
+    """``bias -= lr * delta.sum(axis=1) * mask`` in float32, each row summed as NumPy does (``pairwise_sum``).
+
+    delta (n_out, batch) float32, lr float32, mask and bias (n_out,) float32, work (batch,) float32 scratch.
+    """
+    for i in range(delta.shape[0]):
+        grad = np.float32(0.0) + pairwise_sum(delta[i], 0, delta.shape[1], work)
+        bias[i] -= lr * grad * mask[i]
+
+
+@numba.njit(**_EXACT)
+def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, lr, sum_exp, losses):
+    """One SGD step of a ``SparseMLP`` on a batch, as ``Learner.train_step`` does it. Returns the loss (float32).
+
+    ``layers[l]``: (active_rows, indptr, indices, weights, bias, rows, col_ptr, col_order, importance,
+    connections, bias_mask) of layer l, the arrays of ``SparseLinear`` (the CSR over output slots, its CSC view
+    restricted to active rows, Omega) and the trainable connection ids (m_l,) int64 and bias mask (out slots,)
+    float32. activations[0] (n_features, batch) is the input, activations[l + 1] (slots, batch) layer l's output
+    (ReLU for hidden layers; only active rows are written); deltas[l] (slots, batch) receives the gradient at
+    activations[l] (l >= 1; deltas[-1] the logits'); grads[l] (m_l,) float32 receives dL/dW. labels, masked,
+    classes: see ``softmax_cross_entropy``; lr (rounded to float32, as NumPy rounds a Python float against
+    float32 arrays); sum_exp, losses (batch,) float32 scratch.
+
+    Forward over the active rows, the loss, then from the top layer down: the gradient at the layer's input
+    (through the ReLU below) before the layer changes, dL/dW at its trainable connections, SGD with Omega
+    (Eq. 3) and the bias step. Each sparse product runs the serial or parallel build by its work, as ``pick``.
+    """
+    n = len(layers)
+    batch = activations[0].shape[1]
+    lr32 = np.float32(lr)
+    for l in range(n):
+        active_rows, indptr, indices, weights, bias = layers[l][:5]
+        if weights.shape[0] * batch >= PARALLEL_MIN_WORK:
+            _csr_forward_parallel(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1],
+                                  l < n - 1)
+        else:
+            _csr_forward_serial(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1],
+                                l < n - 1)
+    loss = softmax_cross_entropy(activations[n], labels, masked, classes, deltas[n], sum_exp, losses)
+    for l in range(n - 1, -1, -1):
+        _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l]
+        delta, x = deltas[l + 1], activations[l]
+        if l > 0:
+            if weights.shape[0] * batch >= PARALLEL_MIN_WORK:
+                _csc_backward_input_parallel(col_ptr, col_order, rows, weights, delta, x, deltas[l])
+            else:
+                _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])
+        if connections.shape[0] * batch >= PARALLEL_MIN_WORK:
+            _sampled_weight_grad_parallel(connections, rows, indices, delta, x, grads[l])
+        else:
+            _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
+        if connections.shape[0] * 64 >= PARALLEL_MIN_WORK:
+            _sgd_step_parallel(connections, grads[l], lr32, weights, importance)
+        else:
+            _sgd_step_serial(connections, grads[l], lr32, weights, importance)
+        bias_step(delta, lr32, bias_mask, bias, sum_exp)
+    return loss
 
 
 def segment_sum(values, segment_ids, n_segments):

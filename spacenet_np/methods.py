@@ -228,7 +228,8 @@ class EWC(FineTune):
 
     The Fisher samples are drawn from a jumped copy of the learner's rng (``rng.bit_generator.jumped()``): a
     function of the rng's state that does not advance it. Allocation and batch order are then those of FineTune
-    with the same seed, and ``ewc_lambda=0`` reproduces FineTune bit for bit.
+    with the same seed, and ``ewc_lambda=0`` reproduces FineTune's per-layer step bit for bit (FineTune's default
+    fused step, ``SparseMLP.train_step``, differs in the last bits of the loss's exp and log).
     """
 
     name = "ewc"

@@ -32,6 +32,9 @@ def softmax_cross_entropy(logits, labels, classes=None):
     return loss, delta.astype(np.float32, copy=False)
 
 
+_ALL_CLASSES = np.zeros(0, dtype=bool)  # the ``classes`` argument of kernels.mlp_train_step when none are masked
+
+
 class SparseNetwork:
     """What every sparse network shares: neuron layers, weight layers, known classes, snapshots.
 
@@ -127,6 +130,7 @@ class SparseMLP(SparseNetwork):
         self._link(neurons, [SparseLinear(a, b) for a, b in zip(neurons[:-1], neurons[1:])],
                    range(1, len(sizes) - 1))
         self._active_versions = None
+        self._step_buffers = {}
 
     def spec(self):
         """The architecture as a JSON-able dict (``build_network`` inverts it)."""
@@ -175,6 +179,64 @@ class SparseMLP(SparseNetwork):
         for l, layer in enumerate(self.layers):
             layer.forward(activations[l], activations[l + 1], relu=l < last, active_only=reaching_output_only)
         return activations
+
+    def step_buffers(self, batch, trainable):
+        """Reusable arrays of ``train_step``: (per layer (m_l,) float32 weight gradients, two (batch,) float32
+        scratch rows); new ones only when the trainable counts or the batch size change."""
+        key = (batch, tuple(connections.shape[0] for connections in trainable))
+        found = self._step_buffers.get(key)
+        if found is None:
+            if len(self._step_buffers) > 4:
+                self._step_buffers.clear()
+            found = self._step_buffers[key] = (tuple(np.empty(m, np.float32) for m in key[1]),
+                                               np.empty(batch, np.float32), np.empty(batch, np.float32))
+        return found
+
+    def fused_step_supported(self, x, labels, trainable, bias_masks, classes):
+        """Whether ``train_step`` takes these arguments (the types its one compiled kernel is built for): x
+        (n_features, batch) float32, C-contiguous and writeable; labels (batch,) integers; per layer int64
+        connection ids and (out slots,) float32 bias masks, 1-d and contiguous; classes None or (n_classes,) bool;
+        and every layer with the same index dtype (int32, or int64 for more than 2**31 connections)."""
+        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
+                and x.flags.writeable and x.shape[0] == self.n_features and x.shape[1] >= 1
+                and type(labels) is np.ndarray and labels.shape == (x.shape[1],) and labels.dtype.kind in "iu"):
+            return False
+        if classes is not None and not (type(classes) is np.ndarray and classes.dtype == np.bool_
+                                        and classes.shape == (self.n_classes,)):
+            return False
+        if len(trainable) != len(self.layers) or len(bias_masks) != len(self.layers):
+            return False
+        index_dtype = self.layers[0].indices.dtype
+        for layer, connections, mask in zip(self.layers, trainable, bias_masks):
+            if not (type(connections) is np.ndarray and connections.dtype == np.int64 and connections.ndim == 1
+                    and connections.flags.c_contiguous and type(mask) is np.ndarray and mask.dtype == np.float32
+                    and mask.shape == layer.bias.shape and mask.flags.c_contiguous
+                    and layer.indices.dtype == index_dtype):
+                return False
+        return True
+
+    def train_step(self, x, labels, lr, trainable, bias_masks, classes=None):
+        """One SGD step on a batch in one kernel call, ``kernels.mlp_train_step``: what ``Learner.train_step``
+        computes with the plain ``sgd_update`` (see ``Learner.fused_step_applies``), without the per-layer calls.
+
+        Forward over the rows that reach the output, the softmax cross-entropy (over ``classes``, (n_classes,)
+        bool, if given), then from the top layer down: the gradient at the layer's input, SGD with Omega on the
+        connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]``. Arguments as
+        ``fused_step_supported`` accepts them. Returns the loss (float). Once the buffers for this structure and
+        batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
+        """
+        self.update_active_rows()
+        batch = x.shape[1]
+        activations, deltas = self.buffers(batch)
+        activations[0] = x
+        grads, sum_exp, losses = self.step_buffers(batch, trainable)
+        layers = tuple((layer.active_rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows,
+                        layer.col_ptr, layer.col_order, layer.importance, connections, mask)
+                       for layer, connections, mask in zip(self.layers, trainable, bias_masks))
+        masked = classes is not None
+        loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), grads, labels, masked,
+                                      classes if masked else _ALL_CLASSES, float(lr), sum_exp, losses)
+        return float(loss)
 
     def backward(self, activations, delta_out, step):
         """Backpropagate ``delta_out`` (n_classes, batch) from the top layer down.
@@ -356,13 +418,16 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
     """
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
-    rows = images[sample_ids]
-    work = images.shape[1] * sample_ids.shape[0]
+    return standardize_rows(images[sample_ids], mean, std, out)
+
+
+def standardize_rows(rows, mean, std, out):
+    """``standardize_batch`` of the gathered rows (batch, n_features) uint8 into out (n_features, batch) float32."""
     if np.ndim(mean) == 0:
-        kernels.pick(kernels.transpose_lookup, work)(rows, input_lookup(float(mean), float(std)), out)
+        kernels.pick(kernels.transpose_lookup, rows.size)(rows, input_lookup(float(mean), float(std)), out)
     else:
         scale, shift = feature_affine(mean, std)
-        kernels.pick(kernels.transpose_standardize, work)(rows, scale, shift, out)
+        kernels.pick(kernels.transpose_standardize, rows.size)(rows, scale, shift, out)
     return out
 
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from . import kernels
+from . import kernels, strategy
 from .layers import FREE
 from .strategy import Learner, TaskState, TrainingDiverged, check_inputs, predict  # noqa: F401 (re-exported)
 
@@ -390,6 +390,9 @@ class SpaceNet(Learner):
             selected = self.targets(state, position=position)
             order = np.argsort(-importance[position][selected], kind="stable")
             self.model.neurons[position].reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
+
+
+strategy.PLAIN_STEP_METHODS["sgd_update"].add(SpaceNet.sgd_update)  # plain while official_importance is None
 
 
 class OfficialImportance:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .network import SparseNetwork, softmax_cross_entropy, standardize_batch
+from .layers import SparseLinear
+from .network import SparseMLP, SparseNetwork, softmax_cross_entropy, standardize_batch, standardize_rows
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +73,7 @@ class Learner:
     uses_neuron_selection = False
     SWITCHES = ("softmax_scope",)  # the config's ablation switches this method honours (see spacenet.SWITCHES)
     OPTIONS = ()  # declared constructor options (``options.Option``) beyond (model, config, seed, mean, std)
+    fused_step = True  # False: never run train_step as one kernel call (tests and benchmarks compare the two)
 
     def __init__(self, model: SparseNetwork, config, seed=0, input_mean=0.0, input_std=1.0):
         config.validate(model, neuron_selection=self.uses_neuron_selection, switches=self.SWITCHES)
@@ -151,9 +153,11 @@ class Learner:
         self.epoch_size = images.shape[0]
         order = self.rng.permutation(images.shape[0])
         n_batches = -(-order.size // batch_size)
+        reuse_input = images.dtype == np.uint8 and not self._replaced("input_batch", "train_step")
         for batch, start in enumerate(range(0, order.size, batch_size)):
             ids = order[start:start + batch_size]
-            loss = self.train_step(self.input_batch(images, ids), labels[ids])
+            x = self._reused_input(images, ids) if reuse_input else self.input_batch(images, ids)
+            loss = self.train_step(x, labels[ids])
             if not np.isfinite(loss) or loss > diverged_loss(self.model.n_classes):
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
                                        f"batch {batch}: lower the learning rate (lr={self.config.lr})")
@@ -166,12 +170,61 @@ class Learner:
             return standardize_batch(images, ids, self.input_mean, self.input_std)
         return np.ascontiguousarray(images[ids].T, dtype=np.float32)
 
+    def _reused_input(self, images, ids):
+        """``input_batch`` of uint8 ``images`` into arrays reused by the next call (the gathered rows, the output):
+        for ``train_epoch`` when only ``Learner.train_step`` sees the batch (neither method replaced), which keeps
+        no reference to it."""
+        key, buffers = (ids.shape[0], images.shape[1]), vars(self).setdefault("_input_buffers", {})
+        if key not in buffers:
+            if len(buffers) > 2:
+                buffers.clear()
+            buffers[key] = np.empty(key, np.uint8), np.empty(key[::-1], np.float32)
+        rows, out = buffers[key]
+        np.take(images, ids, axis=0, out=rows, mode="clip")  # "clip": no temporary copy (ids are valid)
+        return standardize_rows(rows, self.input_mean, self.input_std, out)
+
+    def _replaced(self, *names):
+        """Whether any of the methods ``names`` is not ``Learner``'s own: overridden by the class or set on the
+        instance (as tests and profilers wrap them)."""
+        return any(getattr(type(self), name) is not getattr(Learner, name) or name in vars(self) for name in names)
+
     def train_step(self, x, labels):
-        """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss."""
+        """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss.
+
+        Runs as one kernel call (``SparseMLP.train_step``) when ``fused_step_applies``, else layer by layer with
+        ``sgd_update`` as the backward pass's step. Both do the same float32 operations in the same order, except
+        the loss's exp and log (libm's in the kernel, NumPy's SIMD ones here: up to 2 ulp apart).
+        """
+        if self.fused_step_applies(x, labels):
+            return self.model.train_step(x, labels, self.config.lr, self.trainable, self.bias_trainable,
+                                         self.loss_classes)
         activations = self.model.forward(x, reaching_output_only=True)
         loss, delta = softmax_cross_entropy(activations[-1], labels, self.loss_classes)
         self.model.backward(activations, delta, self.sgd_update)
         return loss
+
+    def fused_step_applies(self, x, labels):
+        """Whether ``train_step`` may run as ``SparseMLP.train_step``: only where that computes exactly what the
+        per-layer path does. The model is a ``SparseMLP`` of ``SparseLinear`` layers (not subclasses); this
+        learner's ``sgd_update``, ``weight_grad`` and ``bias_grad`` are plain (``PLAIN_STEP_METHODS``: a method
+        that adds a penalty or a hook overrides one of them) and none is replaced on the instance; no per-step
+        hook is on (SpaceNet's ``official_importance``); ``config.lr`` is a Python float or int (a NumPy scalar
+        would change the bias step's precision); and the arrays are of the kernel's types
+        (``SparseMLP.fused_step_supported``: a float32 batch, int64 connection ids, float32 bias masks).
+        """
+        model, cls = self.model, type(self)
+        if not self.fused_step or type(model) is not SparseMLP:
+            return False
+        if getattr(self, "official_importance", None) is not None:
+            return False
+        plain = _PLAIN_CLASSES.get(cls)
+        if plain is None:
+            plain = _PLAIN_CLASSES[cls] = all(getattr(cls, name) in functions
+                                              for name, functions in PLAIN_STEP_METHODS.items())
+        lr = self.config.lr
+        return (plain and PLAIN_STEP_METHODS.keys().isdisjoint(vars(self)) and (type(lr) is float or type(lr) is int)
+                and all(type(layer) is SparseLinear for layer in model.layers)
+                and model.fused_step_supported(x, labels, self.trainable, self.bias_trainable, self.loss_classes))
 
     def softmax_classes(self, state):
         """``softmax_scope="seen"``: (n_classes,) bool of the classes learned so far and ``state``'s; None (all
@@ -269,6 +322,13 @@ class Learner:
             raise ValueError(f"classes {absent.tolist()} have no sample in labels: every class of a task needs "
                              f"training data")
         return classes
+
+
+# The implementations of the per-batch methods that ``SparseMLP.train_step`` computes in one kernel call; a module
+# adds its own when they compute the same (SpaceNet's ``sgd_update``, whose hook is checked separately).
+PLAIN_STEP_METHODS = {"sgd_update": {Learner.sgd_update}, "weight_grad": {Learner.weight_grad},
+                      "bias_grad": {Learner.bias_grad}}
+_PLAIN_CLASSES = {}  # Learner subclass -> whether its methods are all in PLAIN_STEP_METHODS
 
 
 def input_statistics(mean, std, n_features):

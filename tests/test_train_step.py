@@ -1,7 +1,8 @@
 """One ``Learner.train_step`` inside a real task: every trainable weight and bias moves by exactly ``-lr * dL/dW``
 at the pre-update weights, computed here by a dense float64 NumPy forward and backward pass from the layers'
-arrays (rows, indices, weights, biases); Omega grows by ``lr * g**2``; nothing else changes. And the memory one
-step allocates does not grow with the layer width.
+arrays (rows, indices, weights, biases); Omega grows by ``lr * g**2``; nothing else changes. An MLP is checked on
+both paths of ``train_step``: the fused kernel (the default) and the per-layer one. And the memory one step
+allocates does not grow with the layer width; the fused step allocates no array at all.
 """
 import tracemalloc
 
@@ -113,15 +114,16 @@ def assert_moved(after, before, step, scale):
     assert np.all(excess <= 0), f"max excess {np.max(excess)} over a step scale {scale}"
 
 
-def check_steps(learner, images, labels, classes, n_checked=3):
-    """Learn the task, the first ``n_checked`` calls of ``train_step`` compared with the reference. Returns the
-    largest weight step checked."""
+def check_steps(learner, images, labels, classes, n_checked=3, fused=False):
+    """Learn the task, the first ``n_checked`` calls of ``train_step`` compared with the reference (each on the fused
+    path if ``fused``, else on the per-layer one). Returns the largest weight step checked."""
     model, lr = learner.model, learner.config.lr
     original, largest, steps = learner.train_step, [], []
 
     def compared_step(x, batch_labels):
         if len(steps) == n_checked:
             return original(x, batch_labels)
+        assert learner.fused_step_applies(x, batch_labels) == fused
         ref_loss, ref_w, ref_b = reference_gradients(model, x, batch_labels, getattr(learner, "loss_classes", None))
         before = [(layer.weights.copy(), layer.bias.copy(), layer.importance.copy()) for layer in model.layers]
         trainable, masks = [t.copy() for t in learner.trainable], [m.copy() for m in learner.bias_trainable]
@@ -149,13 +151,16 @@ def check_steps(learner, images, labels, classes, n_checked=3):
     return max(largest)
 
 
-def test_train_step_is_exact_sgd_on_an_mlp():
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("softmax_scope", ["all", "seen"])
+def test_train_step_is_exact_sgd_on_an_mlp(fused, softmax_scope):
     images, labels = make_blobs(6, 16, 30, seed=2, spread=40.0)
     config = SpaceNetConfig(connections_per_task=(60, 40, 12), selected_neurons=(10, 8), reserved_neurons=(3, 3),
-                            rewire_ratio=0.3, epochs=2, batch_size=16, lr=0.2)
+                            rewire_ratio=0.3, epochs=2, batch_size=16, lr=0.2, softmax_scope=softmax_scope)
     learner = SpaceNet(SparseMLP(16, [30, 25], 6), config, seed=1)
+    learner.fused_step = fused
     for classes in ([0, 1], [2, 3], [4, 5]):  # later tasks: frozen old weights, reserved biases
-        assert check_steps(learner, *task_split(images, labels, classes), classes) > 1e-4
+        assert check_steps(learner, *task_split(images, labels, classes), classes, fused=fused) > 1e-4
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
@@ -174,17 +179,19 @@ def test_train_step_is_exact_sgd_on_a_cnn(path):
 
 
 # ----- memory per step does not follow the width -----
-def step_peak_bytes(width):
-    """tracemalloc peak of one train_step (the 3rd of the 2nd task) of an MLP with hidden layers of ``width``."""
+def step_peak_bytes(width, fused, step=2):
+    """tracemalloc peak of one train_step of the 2nd task (``step``: 2, the 3rd, the first batch of 16 samples after
+    two of 32; 5, the same batch in the second epoch) of an MLP with hidden layers of ``width``."""
     images, labels = make_blobs(4, 16, 40, seed=3, spread=15.0)
     config = SpaceNetConfig(connections_per_task=(200, 150, 30), selected_neurons=(20, 20), reserved_neurons=(6, 6),
                             rewire_ratio=0.2, epochs=2, batch_size=32, lr=0.05, init_fan="selected")
     learner = SpaceNet(SparseMLP(16, [width, width], 4), config, seed=4)
+    learner.fused_step = fused
     learner.learn(*task_split(images, labels, [0, 1]), [0, 1])
     original, peaks = learner.train_step, []
 
     def measured_step(x, batch_labels):
-        if len(peaks) != 2:
+        if len(peaks) != step:
             peaks.append(None)
             return original(x, batch_labels)
         tracemalloc.start()
@@ -197,9 +204,14 @@ def step_peak_bytes(width):
 
     learner.train_step = measured_step
     learner.learn(*task_split(images, labels, [2, 3]), [2, 3])
-    return peaks[2]
+    return peaks[step]
 
 
-def test_memory_of_a_step_does_not_grow_with_the_width():
-    narrow, wide = step_peak_bytes(400), step_peak_bytes(1_000_000)
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_of_a_step_does_not_grow_with_the_width(fused):
+    narrow, wide = step_peak_bytes(400, fused), step_peak_bytes(1_000_000, fused)
     assert 0 < narrow and wide < 1.5 * narrow + 4096, (narrow, wide)
+    if fused:  # once the buffers of the last batch's size exist: no array, only Python objects (argument tuples,
+        # Numba's dispatch), the same at any width
+        narrow, wide = step_peak_bytes(400, fused, step=5), step_peak_bytes(1_000_000, fused, step=5)
+        assert narrow == wide and narrow < 4096, (narrow, wide)

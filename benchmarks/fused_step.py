@@ -1,0 +1,192 @@
+"""The fused MLP training step against the per-layer one on split MNIST, in one process, alternating.
+
+Each round runs one CLI seed in-process, ``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED,
+"--quiet", "--out", TMP])`` (the paper configuration: 784-400-400-10, batch 128, 4 epochs x 5 tasks), once with
+``Learner.fused_step = True`` (the default: one ``kernels.mlp_train_step`` call per batch) and once with False (the
+per-layer path: forward, NumPy softmax, backward with ``sgd_update``). Rounds alternate the order, so that load
+from other processes falls on both; the medians are reported with the ratio per-layer / fused. Timed: the whole
+``main`` call, the training loop (``train_epoch``, per batch) and ``Learner.train_step`` (per batch).
+
+A last pair of rounds times every kernel call with the useful work it does: the forward pass
+``2 * batch * (connections into the rows that reach the output)``, the input gradient ``2 * batch * (connections
+of the CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernel:
+its whole call, softmax and SGD included in the time, not in the work).
+
+Run: ``python -m benchmarks.fused_step [--rounds 5] [--seed 0]``. Prints its results; writes nothing.
+"""
+if __name__ == "__main__":
+    import sys
+    if not __package__:  # run as a file: python benchmarks/fused_step.py
+        from pathlib import Path
+        sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from spacenet_np import kernels, train
+from spacenet_np.strategy import Learner
+
+
+def cli_argv(seed, out):
+    return ["--task", "split_mnist", "--seeds", str(seed), "--quiet", "--out", str(out)]
+
+
+class Timers:
+    """Wrappers around ``Learner.train_epoch`` and ``Learner.train_step`` (class attributes: the learner's own
+    methods stay Learner's, so the fused path and the reused input buffer stay on)."""
+
+    def __init__(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.saved = {}
+
+    def _wrap(self, name, method):
+        timers = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                timers.seconds[name] += time.perf_counter() - start
+                timers.calls[name] += 1
+        return timed
+
+    def install(self):
+        for name in ("train_epoch", "train_step"):
+            self.saved[name] = getattr(Learner, name)
+            setattr(Learner, name, self._wrap(name, self.saved[name]))
+
+    def remove(self):
+        for name, method in self.saved.items():
+            setattr(Learner, name, method)
+
+
+def forward_work(args):
+    active_rows, indptr, batch = args[0], args[1], args[5].shape[1]
+    return 2 * batch * int(np.sum(indptr[active_rows + 1] - indptr[active_rows]))
+
+
+def fused_work(args):
+    """Useful multiply-adds x 2 of one ``mlp_train_step`` call: forward, input gradient, weight gradient."""
+    layers, activations = args[0], args[1]
+    batch, total = activations[0].shape[1], {"forward": 0, "input_grad": 0, "weight_grad": 0}
+    for l, (active_rows, indptr, *_, col_order, _, connections, _) in enumerate(layers):
+        total["forward"] += 2 * batch * int(np.sum(indptr[active_rows + 1] - indptr[active_rows]))
+        total["input_grad"] += 2 * batch * col_order.size if l > 0 else 0
+        total["weight_grad"] += 2 * batch * connections.size
+    return total
+
+
+WORK = {"csr_forward": forward_work,
+        "csc_backward_input": lambda a: 2 * a[4].shape[1] * a[1].size,
+        "sampled_weight_grad": lambda a: 2 * a[4].shape[1] * a[0].size}
+
+
+class KernelMeter:
+    """Time and useful work of every call of the MLP kernels (the per-layer ones and ``mlp_train_step``)."""
+
+    def __init__(self):
+        self.seconds, self.flops, self.calls = defaultdict(float), defaultdict(int), defaultdict(int)
+        self.saved = {}
+
+    def _measured(self, name, kernel, work):
+        meter = self
+
+        def measured(*args):
+            flops = work(args)
+            start = time.perf_counter()
+            result = kernel(*args)
+            meter.seconds[name] += time.perf_counter() - start
+            meter.calls[name] += 1
+            if isinstance(flops, dict):
+                for part, value in flops.items():
+                    meter.flops[f"{name}.{part}"] += value
+                meter.flops[name] += sum(flops.values())
+            else:
+                meter.flops[name] += flops
+            return result
+        return measured
+
+    def install(self):
+        for name, work in WORK.items():
+            pair = self.saved[name] = getattr(kernels, name)
+            setattr(kernels, name, tuple(self._measured(name, k, work) for k in pair))
+        self.saved["mlp_train_step"] = kernels.mlp_train_step
+        kernels.mlp_train_step = self._measured("mlp_train_step", kernels.mlp_train_step, fused_work)
+
+    def remove(self):
+        for name, value in self.saved.items():
+            setattr(kernels, name, value)
+
+
+def run_seed(seed, fused, instrument):
+    """One in-process CLI run. Returns (seconds of main, results.json run entry)."""
+    Learner.fused_step = fused
+    instrument.install()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fused_step_") as out, contextlib.redirect_stdout(io.StringIO()):
+            start = time.perf_counter()
+            code = train.main(cli_argv(seed, out))
+            elapsed = time.perf_counter() - start
+            run = json.loads((Path(out) / "results.json").read_text())["runs"][0]
+    finally:
+        instrument.remove()
+        Learner.fused_step = True
+    if code != 0:
+        raise RuntimeError(f"spacenet_np.train exited with {code}")
+    return elapsed, run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fused_step", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for fused in (True, False):  # load the cached kernels and the data once
+        run_seed(args.seed, fused, Timers())
+    rows = {True: defaultdict(list), False: defaultdict(list)}
+    accuracy = {}
+    for r in range(args.rounds):
+        for fused in ((True, False) if r % 2 == 0 else (False, True)):
+            timers = Timers()
+            elapsed, run = run_seed(args.seed, fused, timers)
+            batches = timers.calls["train_step"]
+            rows[fused]["main_s"].append(elapsed)
+            rows[fused]["seed_s"].append(run["wall_time_s"])
+            rows[fused]["batch_ms"].append(1e3 * timers.seconds["train_epoch"] / batches)
+            rows[fused]["step_ms"].append(1e3 * timers.seconds["train_step"] / batches)
+            accuracy[fused] = run["final_average_accuracy"]
+    print(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min)")
+    print(f"{'':24s}{'fused':>18s}{'per-layer':>18s}{'per-layer/fused':>18s}")
+    for key, label in (("main_s", "CLI main (s)"), ("seed_s", "seed wall_time_s (s)"),
+                       ("batch_ms", "training loop / batch (ms)"), ("step_ms", "train_step / batch (ms)")):
+        a, b = statistics.median(rows[True][key]), statistics.median(rows[False][key])
+        print(f"{label:26s}{a:9.3f} ({min(rows[True][key]):6.3f}){b:9.3f} ({min(rows[False][key]):6.3f}){b / a:12.2f}")
+    print(f"final average accuracy: fused {accuracy[True]:.4f} %, per-layer {accuracy[False]:.4f} %")
+    for fused in (True, False):
+        meter = KernelMeter()
+        run_seed(args.seed, fused, meter)
+        print(f"kernels, {'fused' if fused else 'per-layer'} path (useful GFLOP/s; per training batch: ms, MFLOP; "
+              f"csr_forward includes the evaluation's forward passes):")
+        for name in sorted(meter.calls):
+            gflops, per_batch = meter.flops[name] / meter.seconds[name] / 1e9, 1e3 * meter.seconds[name] / batches
+            mflop = meter.flops[name] / batches / 1e6
+            print(f"  {name:22s} {gflops:6.2f} GFLOP/s  {per_batch:.4f} ms  {mflop:.2f} MFLOP")
+            for part in ("forward", "input_grad", "weight_grad"):
+                if f"{name}.{part}" in meter.flops:
+                    print(f"    {part:20s} {meter.flops[f'{name}.{part}'] / batches / 1e6:.2f} MFLOP")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
