@@ -12,7 +12,7 @@ A last pair of rounds times every kernel call with the useful work it does: the 
 of the CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernel:
 its whole call, softmax and SGD included in the time, not in the work).
 
-Run: ``python -m benchmarks.fused_step [--rounds 5] [--seed 0]``. Prints its results; writes nothing.
+Run: ``python -m benchmarks.fused_step [--rounds 5] [--seed 0]``. Writes ``results/fused_step.{json,md}``.
 """
 if __name__ == "__main__":
     import sys
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import machine_info, reproduce_command, write_results
 from spacenet_np import kernels, train
 from spacenet_np.strategy import Learner
 
@@ -151,7 +152,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.fused_step", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    machine = machine_info()
+    lines = []
+    say = lines.append
     for fused in (True, False):  # load the cached kernels and the data once
         run_seed(args.seed, fused, Timers())
     rows = {True: defaultdict(list), False: defaultdict(list)}
@@ -166,25 +171,35 @@ def main(argv=None):
             rows[fused]["batch_ms"].append(1e3 * timers.seconds["train_epoch"] / batches)
             rows[fused]["step_ms"].append(1e3 * timers.seconds["train_step"] / batches)
             accuracy[fused] = run["final_average_accuracy"]
-    print(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min)")
-    print(f"{'':24s}{'fused':>18s}{'per-layer':>18s}{'per-layer/fused':>18s}")
+    say(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min)")
+    say(f"{'':24s}{'fused':>18s}{'per-layer':>18s}{'per-layer/fused':>18s}")
     for key, label in (("main_s", "CLI main (s)"), ("seed_s", "seed wall_time_s (s)"),
                        ("batch_ms", "training loop / batch (ms)"), ("step_ms", "train_step / batch (ms)")):
         a, b = statistics.median(rows[True][key]), statistics.median(rows[False][key])
-        print(f"{label:26s}{a:9.3f} ({min(rows[True][key]):6.3f}){b:9.3f} ({min(rows[False][key]):6.3f}){b / a:12.2f}")
-    print(f"final average accuracy: fused {accuracy[True]:.4f} %, per-layer {accuracy[False]:.4f} %")
+        say(f"{label:26s}{a:9.3f} ({min(rows[True][key]):6.3f}){b:9.3f} ({min(rows[False][key]):6.3f}){b / a:12.2f}")
+    say(f"final average accuracy: fused {accuracy[True]:.4f} %, per-layer {accuracy[False]:.4f} %")
     for fused in (True, False):
         meter = KernelMeter()
         run_seed(args.seed, fused, meter)
-        print(f"kernels, {'fused' if fused else 'per-layer'} path (useful GFLOP/s; per training batch: ms, MFLOP; "
+        say(f"kernels, {'fused' if fused else 'per-layer'} path (useful GFLOP/s; per training batch: ms, MFLOP; "
               f"csr_forward includes the evaluation's forward passes):")
         for name in sorted(meter.calls):
             gflops, per_batch = meter.flops[name] / meter.seconds[name] / 1e9, 1e3 * meter.seconds[name] / batches
             mflop = meter.flops[name] / batches / 1e6
-            print(f"  {name:22s} {gflops:6.2f} GFLOP/s  {per_batch:.4f} ms  {mflop:.2f} MFLOP")
+            say(f"  {name:22s} {gflops:6.2f} GFLOP/s  {per_batch:.4f} ms  {mflop:.2f} MFLOP")
             for part in ("forward", "input_grad", "weight_grad"):
                 if f"{name}.{part}" in meter.flops:
-                    print(f"    {part:20s} {meter.flops[f'{name}.{part}'] / batches / 1e6:.2f} MFLOP")
+                    say(f"    {part:20s} {meter.flops[f'{name}.{part}'] / batches / 1e6:.2f} MFLOP")
+    text = "\n".join(lines)
+    print(text)
+    medians = {("fused" if fused else "per_layer"): {k: statistics.median(v) for k, v in rows[fused].items()}
+               for fused in (True, False)}
+    write_results("fused_step", {"rounds": args.rounds, "seed": args.seed, "medians": medians,
+                                 "runs": {("fused" if f else "per_layer"): dict(rows[f]) for f in (True, False)},
+                                 "final_average_accuracy": {("fused" if f else "per_layer"): a
+                                                            for f, a in accuracy.items()}},
+                  "# The fused MLP step against the per-layer one (split MNIST, one seed, in-process)\n\n```\n"
+                  + text + "\n```", reproduce_command("fused_step", argv), machine)
     return 0
 
 
