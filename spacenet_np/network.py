@@ -366,7 +366,7 @@ class SparseCNN(SparseNetwork):
 
         ``step(l, delta, x)`` gets the gradient at layer ``l``'s output and the layer's input (``activations[l]``).
         """
-        _, argmax, grads, _ = self.buffers(delta_out.shape[1])
+        outputs, argmax, grads, _ = self.buffers(delta_out.shape[1])
         delta = delta_out
         for l in range(len(self.layers) - 1, -1, -1):
             below = None
@@ -377,6 +377,8 @@ class SparseCNN(SparseNetwork):
                 pre = grads[l][1]
                 kernels.pick(kernels.max_pool2_backward, pre.size)(below.reshape(argmax[l].shape), argmax[l], pre)
                 below = pre
+            if below is not None:  # a fully connected layer's input gradient, flat, to the maps below
+                below = below.reshape(outputs[l - 1].shape)
             delta = below
 
 

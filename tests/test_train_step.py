@@ -163,13 +163,15 @@ def test_train_step_is_exact_sgd_on_an_mlp(fused, softmax_scope):
         assert check_steps(learner, *task_split(images, labels, classes), classes, fused=fused) > 1e-4
 
 
+@pytest.mark.parametrize("conv", [(3, 3), (3,)], ids=["pooled", "unpooled"])  # (3,): the FC layer reads the conv
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_train_step_is_exact_sgd_on_a_cnn(path):
+def test_train_step_is_exact_sgd_on_a_cnn(path, conv):
     images, labels = make_blobs(4, 32, 12, seed=4, spread=40.0)
-    config = SpaceNetConfig(connections_per_task=(2, 3, 20, 6), selected_neurons=(None, None, None),
-                            reserved_neurons=(1, 1, 2), rewire_ratio=0.3, epochs=2, batch_size=8, lr=0.1,
-                            init_fan="connections")
-    model = SparseCNN((2, 4, 4), (3, 3), (6,), 4)
+    config = SpaceNetConfig(connections_per_task=(2, 3)[:len(conv)] + (20, 6),
+                            selected_neurons=(None,) * (len(conv) + 1),
+                            reserved_neurons=(1, 1)[:len(conv)] + (2,), rewire_ratio=0.3, epochs=2, batch_size=8,
+                            lr=0.1, init_fan="connections")
+    model = SparseCNN((2, 4, 4), conv, (6,), 4)
     for layer in model.layers:
         if isinstance(layer, SparseConv2d):
             layer.force_path = path
