@@ -145,16 +145,27 @@ class SparseLinear:
     def add_connections(self, rows, cols, weights, owner, importance=None):
         """Insert connections at (row slot, column slot) positions that must be empty.
 
-        weights (m,) for a fully connected layer, (m, taps) for a convolution."""
+        weights (m,) for a fully connected layer, (m, taps) for a convolution. The new connections are sorted and
+        merged into the CSR order: O(nnz + m log m), no sort of the whole layer."""
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         if importance is None:
             importance = np.zeros(rows.shape[0], dtype=np.float32)
+        n_in = self.in_index.n_slots
+        new_keys = rows * n_in + cols
+        new_order = np.argsort(new_keys, kind="stable")
+        # new connection i (sorted) lands at insert[i] + i, the old ones fill the other places in their order
+        insert = np.searchsorted(self.rows.astype(np.int64) * n_in + self.indices, new_keys[new_order])
+        is_new = np.zeros(self.nnz + rows.size, dtype=bool)
+        is_new[insert + np.arange(rows.size)] = True
+        order = np.empty(is_new.size, dtype=np.int64)
+        order[~is_new] = np.arange(self.nnz)
+        order[is_new] = self.nnz + new_order
         self._set_connections(
-            np.concatenate([self.rows, rows]), np.concatenate([self.indices.astype(np.int64), cols]),
-            np.concatenate([self.weights, np.asarray(weights, np.float32)]),
-            np.concatenate([self.owner, np.broadcast_to(np.asarray(owner, np.int16), rows.shape)]),
-            np.concatenate([self.importance, np.asarray(importance, np.float32)]))
+            np.concatenate([self.rows, rows])[order], np.concatenate([self.indices.astype(np.int64), cols])[order],
+            np.concatenate([self.weights, np.asarray(weights, np.float32)])[order],
+            np.concatenate([self.owner, np.broadcast_to(np.asarray(owner, np.int16), rows.shape)])[order],
+            np.concatenate([self.importance, np.asarray(importance, np.float32)])[order], presorted=True)
 
     def remove_connections(self, connection_ids):
         """Delete the connections at ``connection_ids``. Returns their (rows, cols, weights, owner, importance)."""
@@ -163,20 +174,23 @@ class SparseLinear:
         removed = (self.rows[~keep].astype(np.int64), self.indices[~keep].astype(np.int64), self.weights[~keep],
                    self.owner[~keep], self.importance[~keep])
         self._set_connections(self.rows[keep], self.indices[keep], self.weights[keep], self.owner[keep],
-                              self.importance[keep])
+                              self.importance[keep], presorted=True)
         return removed
 
-    def _set_connections(self, rows, cols, weights, owner, importance):
-        """Rebuild the CSR (sorted by row, then column), its aligned arrays and the CSC view."""
+    def _set_connections(self, rows, cols, weights, owner, importance, presorted=False):
+        """Rebuild the CSR (sorted by row, then column; ``presorted``: the arrays already are), its aligned arrays
+        and the CSC view."""
         n_out = self.out_index.n_slots
-        order = np.lexsort((cols, rows))
-        rows, cols = rows[order], cols[order]
+        if not presorted:
+            order = np.lexsort((cols, rows))
+            rows, cols, weights, owner, importance = (rows[order], cols[order], weights[order], owner[order],
+                                                      importance[order])
         index_dtype = np.int32 if rows.size < 2**31 else np.int64  # half the index traffic in the kernels
         indptr = np.zeros(n_out + 1, dtype=index_dtype)
         np.cumsum(np.bincount(rows, minlength=n_out), out=indptr[1:])
-        self._build_matrix(np.ascontiguousarray(weights[order], np.float32), cols.astype(index_dtype), indptr)
-        self.owner = np.ascontiguousarray(owner[order], np.int16)
-        self.importance = np.ascontiguousarray(importance[order], np.float32)
+        self._build_matrix(np.ascontiguousarray(weights, np.float32), cols.astype(index_dtype), indptr)
+        self.owner = np.ascontiguousarray(owner, np.int16)
+        self.importance = np.ascontiguousarray(importance, np.float32)
         self.rows = rows.astype(np.int32)
         self.version = getattr(self, "version", 0) + 1
         self.set_active_rows(None)
@@ -217,7 +231,7 @@ class SparseLinear:
     def resize_to_indices(self):
         """Follow new slots of the neuron indices (slots are only appended, so positions stay valid)."""
         self._set_connections(self.rows.astype(np.int64), self.indices.astype(np.int64), self.weights, self.owner,
-                              self.importance)
+                              self.importance, presorted=True)
 
     # ----- computation -----
     def forward(self, x, out, relu, active_only=False):

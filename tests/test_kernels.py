@@ -369,3 +369,38 @@ def test_parallel_results_do_not_depend_on_thread_count():
         numba.set_num_threads(previous)
     for a, b in zip(one, many):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# ----- layer structure: merged inserts and order-keeping removals give the fully sorted rebuild -----
+@SETTINGS
+@given(n_in=st.integers(1, 12), n_out=st.integers(1, 9), seed=st.integers(0, 10_000), conv=st.booleans())
+def test_add_and_remove_keep_the_sorted_layout(n_in, n_out, seed, conv):
+    """Random inserts and removals against a reference that sorts every connection by (row, column)."""
+    from spacenet_np.layers import SparseConv2d
+
+    rng = np.random.default_rng(seed)
+    ins, outs = NeuronIndex(n_in, dense=True), NeuronIndex(n_out, dense=True)
+    layer = SparseConv2d(ins, outs, 3, 3) if conv else SparseLinear(ins, outs)
+    reference = {}  # (row, col) -> (weights, owner, importance)
+    for step in range(6):
+        free = [p for p in range(n_in * n_out) if (p // n_in, p % n_in) not in reference]
+        if free and (step % 3 != 2 or not reference):
+            chosen = rng.choice(free, size=rng.integers(1, len(free) + 1), replace=False)
+            rows, cols = chosen // n_in, chosen % n_in
+            weights = rng.standard_normal(layer.weight_shape(chosen.size)).astype(np.float32)
+            importance = rng.random(chosen.size).astype(np.float32)
+            layer.add_connections(rows, cols, weights, step, importance)
+            for i in range(chosen.size):
+                reference[(int(rows[i]), int(cols[i]))] = (weights[i], step, importance[i])
+        else:
+            gone = rng.choice(layer.nnz, size=rng.integers(1, layer.nnz + 1), replace=False)
+            for k in gone:
+                del reference[(int(layer.rows[k]), int(layer.indices[k]))]
+            layer.remove_connections(gone)
+        keys = sorted(reference)
+        assert [(int(r), int(c)) for r, c in zip(layer.rows, layer.indices)] == keys
+        np.testing.assert_array_equal(layer.weights, np.array([reference[k][0] for k in keys]).reshape(
+            layer.weights.shape))
+        np.testing.assert_array_equal(layer.owner, [reference[k][1] for k in keys])
+        np.testing.assert_array_equal(layer.importance, np.array([reference[k][2] for k in keys], np.float32))
+        np.testing.assert_array_equal(layer.indptr, np.searchsorted([k[0] for k in keys], np.arange(n_out + 1)))
