@@ -69,9 +69,9 @@ def install_timers():
                                      + n, cls.__dict__.get(name, getattr(cls, name))))
     original_rebuild = SparseLinear._set_connections
 
-    def rebuild(self, *args):  # not exclusive: reported inside the phase that called it
+    def rebuild(self, *args, **kwargs):  # not exclusive: reported inside the phase that called it
         start = time.perf_counter()
-        original_rebuild(self, *args)
+        original_rebuild(self, *args, **kwargs)
         TIMERS[(_task[0], "csr rebuild (inside)")] += time.perf_counter() - start
     SparseLinear._set_connections = rebuild
     strategy.Learner.train_epoch = timed(lambda a: "other training", strategy.Learner.train_epoch)
