@@ -5,8 +5,8 @@ rusage (``benchmarks.common.run_measured``): wall time and peak RSS, medians and
 
 - spacenet_np: ``python -m spacenet_np.train --task split_mnist --quiet --out TMP --overwrite`` (the default run:
   paper preset, seed 0, library-default threads, checkpoints and snapshots written);
-- dense: ``python -m benchmarks.dense_reference --task split_mnist --hidden 400 400 --seeds 0 --out TMP --quiet`` (the same
-  algorithm with dense masks and BLAS, its own CLI).
+- dense: ``python -m benchmarks.dense_reference --task split_mnist --hidden 400 400 --seeds 0 --out TMP --quiet``
+  (the same algorithm with dense masks and BLAS, its own CLI).
 
 Each runs once before the timed rounds (warm Numba and file caches). Run: ``SPACENET_DATA=DIR python -m
 benchmarks.cli_seed [--rounds 5]``. Writes ``results/cli_seed.{json,md}``.
