@@ -163,12 +163,19 @@ def test_workers_do_not_change_the_rows_and_a_rerun_skips_everything(reference, 
     assert (out / "trials.csv").read_bytes() == before
 
 
+def default_sigint():
+    """In the child: Ctrl-C's default action, even when this test runs in a background job of a shell without job
+    control (which starts everything with SIGINT ignored, and an ignored SIGINT is inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_sweep_resumes_to_the_same_rows(reference, data_dir, tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "spacenet_np.sweep", *sweep_args(data_dir, out, "--workers",
                                                                                        "1")],
-                               env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not ((out / "trials.csv").exists() and len(read_csv(out / "trials.csv")) >= 1):
