@@ -426,15 +426,21 @@ def _add3(acc, u0, u1, u2, m0, m1, m2, d0, d1, d2, a0, a1, a2, b0, b1, b2, c0, c
 
 
 @numba.njit(**_FAST)
+def _oriented(w, flip):
+    """A kernel's nine weights w (9,) in tap order, or rotated by 180 degrees with ``flip`` (the transposed
+    convolution). Returns a 9-tuple of float32."""
+    if flip:
+        return w[8], w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]
+    return w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+
+
+@numba.njit(**_FAST)
 def _row_taps(acc, up, mid, down, w, flip, has_up, has_down, batch):
     """``acc[x] += sum_{dy, dx} w[3 (dy + 1) + dx + 1] * row_dy[x + dx]`` over map rows flattened to
     (width * batch,), with zero padding at both ends of the row. ``up``/``mid``/``down`` are the rows for
     dy = -1, 0, 1; a row outside the map (``has_up``/``has_down`` False) may be any row, its weights count as 0.
     With ``flip`` the kernel is rotated by 180 degrees (the transposed convolution). w (9,)."""
-    if flip:
-        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[8], w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]
-    else:
-        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    a0, a1, a2, b0, b1, b2, c0, c1, c2 = _oriented(w, flip)
     zero = np.float32(0.0)
     if not has_up:
         a0 = a1 = a2 = zero
@@ -473,10 +479,7 @@ def _add3x2(acc0, acc1, r0, r1, r2, r3, s0, s1, s2, s3, t0, t1, t2, t3, a0, a1, 
 def _row_taps2(acc0, acc1, r0, r1, r2, r3, w, flip, has_r0, has_r3, batch):
     """``_row_taps`` for two consecutive output rows: acc0 takes rows (r0, r1, r2), acc1 rows (r1, r2, r3).
     ``has_r0``/``has_r3`` False: that row is outside the map (its weights count as 0)."""
-    if flip:
-        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[8], w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]
-    else:
-        a0, a1, a2, b0, b1, b2, c0, c1, c2 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    a0, a1, a2, b0, b1, b2, c0, c1, c2 = _oriented(w, flip)
     zero = np.float32(0.0)
     e0, e1, e2, g0, g1, g2 = a0, a1, a2, c0, c1, c2  # acc1's weights for rows r1 and r3
     if not has_r0:
