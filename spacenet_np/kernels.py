@@ -208,15 +208,15 @@ transpose_lookup = _build(_transpose_lookup)
 # ----- the fused training step of a SparseMLP -----
 # One call per batch: forward, softmax cross-entropy, then per layer (top first) the input gradient, dL/dW at the
 # trainable connections, SGD with Omega and the bias step, in the order of ``Learner.train_step``. The sparse
-# products call the kernels above (serial or parallel build, chosen by work as ``pick`` does), so they give the
+# products call the serial builds of the kernels above (``fused_step_is_serial``), so they give the
 # same bits as the per-layer path. The loss and the bias step are compiled without fastmath and reproduce NumPy's
 # float32 operations and summation order; only ``exp`` and ``log`` (libm's here, NumPy's own SIMD versions there)
 # can differ in the last bit.
 _EXACT = dict(cache=CACHE, nogil=True, boundscheck=False)  # no fastmath: NumPy's roundings, operation by operation
-_csr_forward_serial, _csr_forward_parallel = csr_forward
-_csc_backward_input_serial, _csc_backward_input_parallel = csc_backward_input
-_sampled_weight_grad_serial, _sampled_weight_grad_parallel = sampled_weight_grad
-_sgd_step_serial, _sgd_step_parallel = sgd_step_with_importance
+_csr_forward_serial = csr_forward[0]
+_csc_backward_input_serial = csc_backward_input[0]
+_sampled_weight_grad_serial = sampled_weight_grad[0]
+_sgd_step_serial = sgd_step_with_importance[0]
 
 
 @numba.njit(**_EXACT)
@@ -364,38 +364,32 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
 
     Forward over the active rows, the loss, then from the top layer down: the gradient at the layer's input
     (through the ReLU below) before the layer changes, dL/dW at its trainable connections, SGD with Omega
-    (Eq. 3) and the bias step. Each sparse product runs the serial or parallel build by its work, as ``pick``.
+    (Eq. 3) and the bias step. It runs the serial builds only (``fused_step_is_serial`` says where that is what
+    ``pick`` chooses): a cached kernel that calls a parallel one can crash when it is loaded from Numba's cache
+    (numba issue 8578; seen here with a second network depth).
     """
     n = len(layers)
-    batch = activations[0].shape[1]
     lr32 = np.float32(lr)
     for l in range(n):
         active_rows, indptr, indices, weights, bias = layers[l][:5]
-        if weights.shape[0] * batch >= PARALLEL_MIN_WORK:
-            _csr_forward_parallel(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1],
-                                  l < n - 1)
-        else:
-            _csr_forward_serial(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1],
-                                l < n - 1)
+        _csr_forward_serial(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1], l < n - 1)
     loss = softmax_cross_entropy(activations[n], labels, masked, classes, deltas[n], sum_exp, losses)
     for l in range(n - 1, -1, -1):
         _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l]
         delta, x = deltas[l + 1], activations[l]
         if l > 0:
-            if weights.shape[0] * batch >= PARALLEL_MIN_WORK:
-                _csc_backward_input_parallel(col_ptr, col_order, rows, weights, delta, x, deltas[l])
-            else:
-                _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])
-        if connections.shape[0] * batch >= PARALLEL_MIN_WORK:
-            _sampled_weight_grad_parallel(connections, rows, indices, delta, x, grads[l])
-        else:
-            _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
-        if connections.shape[0] * 64 >= PARALLEL_MIN_WORK:
-            _sgd_step_parallel(connections, grads[l], lr32, weights, importance)
-        else:
-            _sgd_step_serial(connections, grads[l], lr32, weights, importance)
+            _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])
+        _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
+        _sgd_step_serial(connections, grads[l], lr32, weights, importance)
         bias_step(delta, lr32, bias_mask, bias, sum_exp)
     return loss
+
+
+def fused_step_is_serial(layer_connections, trainable_connections, batch):
+    """Whether every product of ``mlp_train_step`` on a batch is below ``PARALLEL_MIN_WORK``, which is where the
+    per-layer path runs the serial builds too. ``layer_connections``, ``trainable_connections``: per layer."""
+    return all(max(m, t) * batch < PARALLEL_MIN_WORK and t * 64 < PARALLEL_MIN_WORK
+               for m, t in zip(layer_connections, trainable_connections))
 
 
 def segment_sum(values, segment_ids, n_segments):

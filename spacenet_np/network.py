@@ -196,7 +196,8 @@ class SparseMLP(SparseNetwork):
         """Whether ``train_step`` takes these arguments (the types its one compiled kernel is built for): x
         (n_features, batch) float32, C-contiguous and writeable; labels (batch,) integers; per layer int64
         connection ids and (out slots,) float32 bias masks, 1-d and contiguous; classes None or (n_classes,) bool;
-        and every layer with the same index dtype (int32, or int64 for more than 2**31 connections)."""
+        every layer with the same index dtype (int32, or int64 for more than 2**31 connections); and products
+        small enough for the serial kernels (``kernels.fused_step_is_serial``)."""
         if not (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
                 and x.flags.writeable and x.shape[0] == self.n_features and x.shape[1] >= 1
                 and type(labels) is np.ndarray and labels.shape == (x.shape[1],) and labels.dtype.kind in "iu"):
@@ -213,7 +214,8 @@ class SparseMLP(SparseNetwork):
                     and mask.shape == layer.bias.shape and mask.flags.c_contiguous
                     and layer.indices.dtype == index_dtype):
                 return False
-        return True
+        return kernels.fused_step_is_serial([layer.nnz for layer in self.layers], [c.shape[0] for c in trainable],
+                                            x.shape[1])
 
     def train_step(self, x, labels, lr, trainable, bias_masks, classes=None):
         """One SGD step on a batch in one kernel call, ``kernels.mlp_train_step``: what ``Learner.train_step``

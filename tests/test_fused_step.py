@@ -8,7 +8,11 @@ against libm's, up to 2 ulp), which these tests bound tightly.
 """
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -166,6 +170,65 @@ def test_untrainable_parameters_do_not_move():
     assert np.array_equal(after[0][frozen], before[0][frozen])
     assert not np.array_equal(after[0], before[0]) or learner.trainable[0].size == 0
 
+
+
+def test_a_step_that_needs_the_parallel_builds_takes_the_per_layer_path(monkeypatch):
+    """The fused kernel runs the serial builds only; where ``pick`` would choose a parallel build the per-layer
+    path runs instead (here with the threshold lowered so that a small network crosses it), with the same bits."""
+    rng = np.random.default_rng(5)
+    model = random_mlp(rng, 12, [10, 8], 4, 0.6)
+    fused, layered = random_learner(rng, model, 0.1, masked=False), None
+    layered = copy.deepcopy(fused)
+    x, labels = random_batch(rng, fused, 16)
+    with kernel_softmax_everywhere():
+        loss_f, _ = run_steps(fused, [(x, labels)], True)
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 64)
+        layered.fused_step = True
+        assert not layered.fused_step_applies(x, labels)
+        assert kernels.pick(kernels.csr_forward, model.layers[0].nnz * 16) is kernels.csr_forward[1]
+        loss_l, _ = run_steps(layered, [(x, labels)], False)
+    assert loss_f == loss_l
+    for a, b in zip(state(fused.model), state(layered.model)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("sizes", [(1000, 10, 128), (65536, 10, 128), (100, 131072, 1), (65535, 65535, 128)])
+def test_fused_step_is_serial_where_pick_chooses_the_serial_builds(sizes):
+    nnz, trainable, batch = sizes
+    serial = [kernels.pick(kernels.csr_forward, nnz * batch), kernels.pick(kernels.csc_backward_input, nnz * batch),
+              kernels.pick(kernels.sampled_weight_grad, trainable * batch),
+              kernels.pick(kernels.sgd_step_with_importance, trainable * 64)]
+    expected = all(kernel is pair[0] for kernel, pair in zip(serial, (
+        kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
+        kernels.sgd_step_with_importance)))
+    assert kernels.fused_step_is_serial([nnz, 5], [trainable, 5], batch) == expected
+
+
+CACHED_STEP_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_fused_step import random_batch, random_learner, random_mlp
+rng = np.random.default_rng(0)
+learner = random_learner(rng, random_mlp(rng, 6, [5] * int(sys.argv[1]), 3, 0.5), 0.1, masked=False)
+learner.fused_step = True
+x, labels = random_batch(rng, learner, 4)
+assert learner.fused_step_applies(x, labels)
+print(learner.train_step(x, labels))
+"""
+
+
+def test_fused_steps_of_several_depths_load_from_a_shared_cache(tmp_path):
+    """Regression: the kernel once called the parallel builds, and a second network depth compiled into the same
+    Numba cache then crashed (segmentation fault) whenever it was loaded from that cache (numba issue 8578)."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               PYTHONPATH=os.pathsep.join([str(Path(tests_dir).parent), tests_dir, os.environ.get("PYTHONPATH", "")]))
+    for depth in (2, 1, 1, 2):  # compiled, compiled into the same cache, then both loaded from it
+        done = subprocess.run([sys.executable, "-c", CACHED_STEP_SCRIPT, str(depth), tests_dir], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"depth {depth}: exit code {done.returncode}\n{done.stderr[-2000:]}"
+        assert np.isfinite(float(done.stdout.split()[-1]))
 
 # ----- the kernel's pieces against NumPy -----
 @settings(max_examples=60, deadline=None)
