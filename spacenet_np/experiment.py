@@ -278,11 +278,17 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
     else:
         learner, test_matrix, val_matrix, time_before = new_learner(spec, stream, model, config), [], [], 0.0
     learner.observers.extend(observers)
+
+    def predict_and_release(images):  # a test set's pages are mapped again at the next evaluation
+        predictions = learner.predict(images)
+        data.release_pages(images)
+        return predictions
+
     for task in stream.tasks[learner.tasks_learned:]:
         task_start = time.perf_counter()
         learn_task(learner, task, progress, config.batch_size)
         data.release_pages(task.x_train)  # a finished task's training images need not stay in memory
-        test_matrix.append(metrics.evaluate_tasks(learner.predict, stream.tasks[:task.index + 1]))
+        test_matrix.append(metrics.evaluate_tasks(predict_and_release, stream.tasks[:task.index + 1]))
         val_matrix.append(metrics.evaluate_tasks(learner.predict, val_tasks[:task.index + 1]) if val_tasks else [])
         elapsed = time_before + time.perf_counter() - start
         if checkpoint_path is not None:

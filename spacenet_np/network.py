@@ -129,24 +129,32 @@ class SparseMLP(SparseNetwork):
                    + [NeuronIndex(sizes[-1], dense=True)])
         self._link(neurons, [SparseLinear(a, b) for a, b in zip(neurons[:-1], neurons[1:])],
                    range(1, len(sizes) - 1))
-        self._active_versions = None
+        self._active_versions = self._buffer_shapes = None
         self._step_buffers = {}
 
     def spec(self):
         """The architecture as a JSON-able dict (``build_network`` inverts it)."""
         return {"kind": "mlp", "sizes": list(self.sizes)}
 
-    def buffers(self, batch):
-        """Reusable activation and gradient arrays for ``batch`` samples: lists of (slots, batch) float32."""
+    def buffers(self, batch, deltas=True):
+        """Reusable activation and gradient arrays for ``batch`` samples: lists of (slots, batch) float32.
+
+        The gradient arrays are made only when asked for (``deltas``; prediction never needs them). The arrays of
+        an older structure are dropped once a layer gains neuron slots: they would never be used again.
+        """
         shapes = tuple(n.n_slots for n in self.neurons)
-        key = (batch, shapes)
-        if key not in self._buffers:
-            if len(self._buffers) > 4:
+        if shapes != self._buffer_shapes:
+            self._buffers.clear()
+            self._buffer_shapes = shapes
+        found = self._buffers.get(batch)
+        if found is None:
+            if len(self._buffers) > 2:  # the training batch, an epoch's last batch, the evaluation batch
                 self._buffers.clear()
             # zeros: rows outside the active cone are read (times a zero gradient) but never written
-            self._buffers[key] = ([np.zeros((s, batch), np.float32) for s in shapes],
-                                  [np.zeros((s, batch), np.float32) for s in shapes])
-        return self._buffers[key]
+            found = self._buffers[batch] = [[np.zeros((s, batch), np.float32) for s in shapes], None]
+        if deltas and found[1] is None:
+            found[1] = [np.zeros((s, batch), np.float32) for s in shapes]
+        return found
 
     def update_active_rows(self):
         """Restrict every layer to the neurons that reach the output (dead-end neurons cannot change the loss).
@@ -173,7 +181,7 @@ class SparseMLP(SparseNetwork):
         and hold stale values: training and prediction use this, inspection of hidden activations must not.
         """
         self.update_active_rows()
-        activations, _ = self.buffers(x.shape[1])
+        activations, _ = self.buffers(x.shape[1], deltas=False)
         activations[0] = x
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
@@ -328,7 +336,7 @@ class SparseCNN(SparseNetwork):
         """Reusable arrays for ``batch`` samples, per layer: outputs, pooling winners, gradients (at the input
         and before its pooling) and pooled inputs."""
         if batch not in self._buffers:
-            if len(self._buffers) > 4:
+            if len(self._buffers) > 2:  # the training batch, an epoch's last batch, the evaluation batch
                 self._buffers.clear()
             outputs, argmax, grads, pooled_inputs = [], [], [], []
             for in_shape, out_shape, pre in self._shapes(batch):

@@ -377,10 +377,13 @@ def predict(model, images, mean, std, batch_size=1000):
         raise ValueError("no task has been learned yet: the model knows no class to predict; learn a task first")
     check_inputs(images, model.n_features, "images")
     predictions = np.empty(images.shape[0], dtype=np.int64)
+    if images.dtype == np.uint8:  # one array for every batch's standardized inputs
+        inputs = np.empty(model.n_features * min(batch_size, images.shape[0]), np.float32)
     for start in range(0, images.shape[0], batch_size):
         ids = np.arange(start, min(start + batch_size, images.shape[0]))
         if images.dtype == np.uint8:
-            x = standardize_batch(images, ids, mean, std)
+            x = inputs[:model.n_features * ids.size].reshape(model.n_features, ids.size)
+            standardize_batch(images, ids, mean, std, out=x)
         else:
             x = np.ascontiguousarray(images[ids].T, dtype=np.float32)
         logits = np.where(model.known_classes[:, None], model.logits(x), -np.inf)
