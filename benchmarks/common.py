@@ -288,14 +288,14 @@ def cpu_busy_s():
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def run_measured(argv, timeout_s=None, label=None):
+def run_measured(argv, timeout_s=None, label=None, expect_report=True):
     """Run ``argv`` (a list) in the repository root and measure it from spawn to exit.
 
     Returns a dict: ``argv``, ``exit_code``, ``process_wall_s`` (start-up included), ``wait4_maxrss_mb`` and
     ``cpu_user_s``/``cpu_sys_s`` from the kernel's rusage of the child, ``other_cpus_busy`` (the average number
     of cores that other processes kept busy meanwhile: the machine's busy CPU time, from /proc/stat, minus the
     child's, over the wall time), ``report`` (the child's last ``@@BENCH`` payload, or None), ``timed_out`` and the
-    tails of stdout/stderr.
+    tails of stdout/stderr. A failed run, or one without a report when ``expect_report``, is printed to stderr.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         busy_before = cpu_busy_s()
@@ -337,7 +337,7 @@ def run_measured(argv, timeout_s=None, label=None):
         "stderr_tail": "\n".join(stderr.splitlines()[-15:]),
     }
     name = label or shlex.join(argv)
-    if proc.returncode != 0 or report is None:
+    if proc.returncode != 0 or (report is None and expect_report):
         print(f"  ! {name}: exit code {proc.returncode}{' (timed out)' if killed else ''}\n"
               f"{result['stderr_tail']}", file=sys.stderr, flush=True)
     return result
