@@ -289,6 +289,7 @@ def test_transpose_lookup_standardizes(build, n, n_features, batch, mean, std, s
 
     kernels.transpose_lookup[build](images[sample_ids], lut, out)
 
+    np.testing.assert_array_equal(out, lut[images[sample_ids]].T)  # every value the table's, in its place
     expected = (images[sample_ids].T.astype(np.float64) / 255.0 - mean) / std
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * (1.0 + abs(mean) / std))
 
