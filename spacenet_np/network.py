@@ -60,6 +60,11 @@ class SparseNetwork:
     def n_classes(self):
         return self.neurons[-1].width
 
+    def prediction_batch(self, training_batch):
+        """Samples per forward pass when a learner predicts: its training batch, whose arrays exist already (a
+        larger one would hold a second set of activation arrays, for a CNN hundreds of MB)."""
+        return training_batch
+
     def update_active_rows(self):
         """Hook run before a forward pass (``SparseMLP`` restricts layers to neurons that reach the output)."""
 
@@ -135,6 +140,11 @@ class SparseMLP(SparseNetwork):
     def spec(self):
         """The architecture as a JSON-able dict (``build_network`` inverts it)."""
         return {"kind": "mlp", "sizes": list(self.sizes)}
+
+    def prediction_batch(self, training_batch):
+        """At least 1000 samples per forward pass: an MLP's activation arrays are small, and a batch of 128
+        predicts split MNIST's test sets 1.3-1.6x slower than one of 1000."""
+        return max(training_batch, 1000)
 
     def buffers(self, batch, deltas=True):
         """Reusable activation and gradient arrays for ``batch`` samples: lists of (slots, batch) float32.

@@ -285,8 +285,11 @@ class Learner:
             raise ValueError(f"{self.name} has no extra state, got keys {sorted(state)}")
 
     # ----- inference -----
-    def predict(self, images, batch_size=1000):
-        """Predicted class per sample. images (n, n_features). Returns (n,) int64."""
+    def predict(self, images, batch_size=None):
+        """Predicted class per sample. images (n, n_features). Returns (n,) int64. ``batch_size``: samples per
+        forward pass, by default ``model.prediction_batch(config.batch_size)``."""
+        if batch_size is None:
+            batch_size = self.model.prediction_batch(self.config.batch_size)
         return predict(self.model, images, self.input_mean, self.input_std, batch_size)
 
     def _notify(self, event, state):
@@ -376,6 +379,8 @@ def predict(model, images, mean, std, batch_size=1000):
     if not model.known_classes.any():
         raise ValueError("no task has been learned yet: the model knows no class to predict; learn a task first")
     check_inputs(images, model.n_features, "images")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     predictions = np.empty(images.shape[0], dtype=np.int64)
     if images.dtype == np.uint8:  # one array for every batch's standardized inputs
         inputs = np.empty(model.n_features * min(batch_size, images.shape[0]), np.float32)
