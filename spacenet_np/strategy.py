@@ -382,11 +382,12 @@ def predict(model, images, mean, std, batch_size=1000):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     predictions = np.empty(images.shape[0], dtype=np.int64)
-    if images.dtype == np.uint8:  # one array for every batch's standardized inputs
+    pixels = images.dtype == np.uint8
+    if pixels:  # one array for every batch's standardized inputs
         inputs = np.empty(model.n_features * min(batch_size, images.shape[0]), np.float32)
     for start in range(0, images.shape[0], batch_size):
         ids = np.arange(start, min(start + batch_size, images.shape[0]))
-        if images.dtype == np.uint8:
+        if pixels:
             x = inputs[:model.n_features * ids.size].reshape(model.n_features, ids.size)
             standardize_batch(images, ids, mean, std, out=x)
         else:

@@ -171,13 +171,12 @@ def test_untrainable_parameters_do_not_move():
     assert not np.array_equal(after[0], before[0]) or learner.trainable[0].size == 0
 
 
-
 def test_a_step_that_needs_the_parallel_builds_takes_the_per_layer_path(monkeypatch):
     """The fused kernel runs the serial builds only; where ``pick`` would choose a parallel build the per-layer
     path runs instead (here with the threshold lowered so that a small network crosses it), with the same bits."""
     rng = np.random.default_rng(5)
     model = random_mlp(rng, 12, [10, 8], 4, 0.6)
-    fused, layered = random_learner(rng, model, 0.1, masked=False), None
+    fused = random_learner(rng, model, 0.1, masked=False)
     layered = copy.deepcopy(fused)
     x, labels = random_batch(rng, fused, 16)
     with kernel_softmax_everywhere():
@@ -195,12 +194,9 @@ def test_a_step_that_needs_the_parallel_builds_takes_the_per_layer_path(monkeypa
 @pytest.mark.parametrize("sizes", [(1000, 10, 128), (65536, 10, 128), (100, 131072, 1), (65535, 65535, 128)])
 def test_fused_step_is_serial_where_pick_chooses_the_serial_builds(sizes):
     nnz, trainable, batch = sizes
-    serial = [kernels.pick(kernels.csr_forward, nnz * batch), kernels.pick(kernels.csc_backward_input, nnz * batch),
-              kernels.pick(kernels.sampled_weight_grad, trainable * batch),
-              kernels.pick(kernels.sgd_step_with_importance, trainable * 64)]
-    expected = all(kernel is pair[0] for kernel, pair in zip(serial, (
-        kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
-        kernels.sgd_step_with_importance)))
+    works = [(kernels.csr_forward, nnz * batch), (kernels.csc_backward_input, nnz * batch),
+             (kernels.sampled_weight_grad, trainable * batch), (kernels.sgd_step_with_importance, trainable * 64)]
+    expected = all(kernels.pick(pair, work) is pair[0] for pair, work in works)
     assert kernels.fused_step_is_serial([nnz, 5], [trainable, 5], batch) == expected
 
 
@@ -229,6 +225,7 @@ def test_fused_steps_of_several_depths_load_from_a_shared_cache(tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"depth {depth}: exit code {done.returncode}\n{done.stderr[-2000:]}"
         assert np.isfinite(float(done.stdout.split()[-1]))
+
 
 # ----- the kernel's pieces against NumPy -----
 @settings(max_examples=60, deadline=None)

@@ -41,7 +41,6 @@ def test_release_leaves_ordinary_arrays_alone():
     np.testing.assert_array_equal(array, np.arange(1 << 16, dtype=np.uint8))
 
 
-
 def mapped_file_rss(folder, name_part):
     """(number of mappings, resident bytes) of this process's mappings of files under ``folder`` whose path
     contains ``name_part`` (/proc/self/smaps)."""
