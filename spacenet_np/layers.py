@@ -215,9 +215,7 @@ class SparseLinear:
         else:
             self.active_rows = np.flatnonzero(active)
             kept = np.flatnonzero(active[self.rows])
-        self.col_order = kept[np.argsort(self.indices[kept], kind="stable")]
-        self.col_ptr = np.zeros(n_in + 1, dtype=np.int64)
-        np.cumsum(np.bincount(self.indices[kept], minlength=n_in), out=self.col_ptr[1:])
+        self.col_ptr, self.col_order = kernels.group_by_input(kept, self.indices, n_in)
 
     def connection_arrays(self):
         """Copies of (rows, cols, weights, owner, importance) of every connection, for ``set_connection_arrays``."""

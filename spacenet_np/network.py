@@ -241,7 +241,7 @@ class SparseMLP(SparseNetwork):
 
         Forward over the rows that reach the output, the softmax cross-entropy (over ``classes``, (n_classes,)
         bool, if given), then from the top layer down: the gradient at the layer's input, SGD with Omega on the
-        connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]``. Arguments as
+        connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]`` where the mask is not 0. Arguments as
         ``fused_step_supported`` accepts them. Returns the loss (float). Once the buffers for this structure and
         batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
@@ -434,22 +434,23 @@ def input_lookup(mean, std):
 def standardize_batch(images, sample_ids, mean, std, out=None):
     """A uint8 batch to the network's input layout.
 
-    images (n, n_features) uint8, sample_ids (batch,) int64, mean/std floats or (n_features,) arrays. Returns
-    (n_features, batch) float32 with ``(pixel / 255 - mean) / std``, computed through a 256-entry table for scalar
-    statistics.
+    images (n, n_features) uint8, sample_ids (batch,) integers in ``[0, n)``, mean/std floats or (n_features,)
+    arrays; out (n_features, batch) float32 to write into, or None for a new array. Returns (n_features, batch)
+    float32 with ``(pixel / 255 - mean) / std``, computed through a 256-entry table for scalar statistics. The
+    kernel gathers the samples itself (no gathered copy); IndexError for an id outside ``[0, n)``.
     """
+    sample_ids = np.asarray(sample_ids)
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
-    return standardize_rows(images[sample_ids], mean, std, out)
-
-
-def standardize_rows(rows, mean, std, out):
-    """``standardize_batch`` of the gathered rows (batch, n_features) uint8 into out (n_features, batch) float32."""
     if np.ndim(mean) == 0:
-        kernels.pick(kernels.transpose_lookup, rows.size)(rows, input_lookup(float(mean), float(std)), out)
+        kernel = kernels.pick(kernels.transpose_lookup, out.size)
+        in_range = kernel(images, sample_ids, input_lookup(float(mean), float(std)), out)
     else:
         scale, shift = feature_affine(mean, std)
-        kernels.pick(kernels.transpose_standardize, rows.size)(rows, scale, shift, out)
+        in_range = kernels.pick(kernels.transpose_standardize, out.size)(images, sample_ids, scale, shift, out)
+    if not in_range:
+        raise IndexError(f"sample ids must be in [0, {images.shape[0]}), got {sample_ids.min()} to "
+                         f"{sample_ids.max()}")
     return out
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .layers import SparseLinear
-from .network import SparseMLP, SparseNetwork, softmax_cross_entropy, standardize_batch, standardize_rows
+from .network import SparseMLP, SparseNetwork, softmax_cross_entropy, standardize_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -171,17 +171,14 @@ class Learner:
         return np.ascontiguousarray(images[ids].T, dtype=np.float32)
 
     def _reused_input(self, images, ids):
-        """``input_batch`` of uint8 ``images`` into arrays reused by the next call (the gathered rows, the output):
-        for ``train_epoch`` when only ``Learner.train_step`` sees the batch (neither method replaced), which keeps
-        no reference to it."""
-        key, buffers = (ids.shape[0], images.shape[1]), vars(self).setdefault("_input_buffers", {})
+        """``input_batch`` of uint8 ``images`` into an array reused by the next call: for ``train_epoch`` when only
+        ``Learner.train_step`` sees the batch (neither method replaced), which keeps no reference to it."""
+        key, buffers = (images.shape[1], ids.shape[0]), vars(self).setdefault("_input_buffers", {})
         if key not in buffers:
             if len(buffers) > 2:
                 buffers.clear()
-            buffers[key] = np.empty(key, np.uint8), np.empty(key[::-1], np.float32)
-        rows, out = buffers[key]
-        np.take(images, ids, axis=0, out=rows, mode="clip")  # "clip": no temporary copy (ids are valid)
-        return standardize_rows(rows, self.input_mean, self.input_std, out)
+            buffers[key] = np.empty(key, np.float32)
+        return standardize_batch(images, ids, self.input_mean, self.input_std, buffers[key])
 
     def _replaced(self, *names):
         """Whether any of the methods ``names`` is not ``Learner``'s own: overridden by the class or set on the
@@ -240,7 +237,9 @@ class Learner:
         layer = self.model.layers[l]
         connections = self.trainable[l]
         layer.sgd_step(connections, self.weight_grad(l, connections, delta, inputs), self.config.lr)
-        layer.bias[:] -= self.config.lr * self.bias_grad(l, delta) * self.bias_trainable[l]
+        mask = self.bias_trainable[l]
+        changed = np.flatnonzero(mask)  # a frozen bias stays exactly as it is, whatever its gradient
+        layer.bias[changed] -= self.config.lr * self.bias_grad(l, delta)[changed] * mask[changed]
 
     def weight_grad(self, l, connections, delta, inputs):
         """dL/dW of layer ``l`` at ``connections``: (m,) float32, or (m, 9) for a convolution; methods add penalty

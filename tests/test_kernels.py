@@ -287,11 +287,23 @@ def test_transpose_lookup_standardizes(build, n, n_features, batch, mean, std, s
     lut = ((np.arange(256) / 255.0 - mean) / std).astype(np.float32)
     out = np.full((n_features, batch), np.nan, dtype=np.float32)
 
-    kernels.transpose_lookup[build](images[sample_ids], lut, out)
+    assert kernels.transpose_lookup[build](images, sample_ids, lut, out)
 
     np.testing.assert_array_equal(out, lut[images[sample_ids]].T)  # every value the table's, in its place
     expected = (images[sample_ids].T.astype(np.float64) / 255.0 - mean) / std
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * (1.0 + abs(mean) / std))
+
+
+@pytest.mark.parametrize("mean, std", [(0.5, 0.25), (np.full(6, 0.5), np.full(6, 0.25))], ids=["table", "per-feature"])
+@pytest.mark.parametrize("bad", [-1, 4, 2**40])
+def test_standardize_batch_refuses_ids_out_of_range_and_writes_nothing(mean, std, bad):
+    images = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    out = np.full((6, 3), 7.0, np.float32)
+    with pytest.raises(IndexError, match=r"sample ids must be in \[0, 4\)"):
+        standardize_batch(images, np.array([0, bad, 1]), mean, std, out=out)
+    assert np.all(out == 7.0)
+    good = standardize_batch(images, np.array([3, 0, 3]), mean, std, out=out)
+    np.testing.assert_allclose(good, (images[[3, 0, 3]].T / 255.0 - 0.5) / 0.25, rtol=1e-6)
 
 
 def test_standardize_batch_matches_the_formula():
@@ -323,6 +335,20 @@ def test_segment_sum_of_nothing_is_float64_zeros():
     assert out.shape == (4,)
     assert np.all(out == 0.0)
     assert out.dtype == np.float64
+
+
+# ----- group_by_input -----
+@SETTINGS
+@given(nnz=st.integers(0, 300), n_in=st.integers(1, 40), fraction=st.sampled_from([0.0, 0.3, 1.0]),
+       index_dtype=st.sampled_from([np.int32, np.int64]), seed=seeds)
+def test_group_by_input_is_a_stable_sort_by_input(nnz, n_in, fraction, index_dtype, seed):
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n_in, size=nnz).astype(index_dtype)
+    kept = np.flatnonzero(rng.random(nnz) < fraction).astype(np.int64)
+    col_ptr, col_order = kernels.group_by_input(kept, indices, n_in)
+    np.testing.assert_array_equal(col_order, kept[np.argsort(indices[kept], kind="stable")])
+    np.testing.assert_array_equal(col_ptr, np.r_[0, np.cumsum(np.bincount(indices[kept], minlength=n_in))])
+    assert col_ptr.dtype == np.int64 and col_order.dtype == np.int64
 
 
 # ----- pick and thread-count independence -----
