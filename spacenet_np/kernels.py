@@ -373,32 +373,55 @@ def bias_step(delta, lr, mask, bias, work):
 
 
 @numba.njit(**_EXACT)
-def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, lr, sum_exp, losses):
+def copy_cached_rows(cached_rows, cached_values, sample_ids, out, record):
+    """``out[cached_rows[q], b] = cached_values[sample_ids[b], q]``, or the other way with ``record``.
+    cached_rows (r,), cached_values (n, r), sample_ids (batch,), out (slots, batch)."""
+    for q in range(cached_rows.shape[0]):
+        row = out[cached_rows[q]]
+        for b in range(sample_ids.shape[0]):
+            if record:
+                cached_values[sample_ids[b], q] = row[b]
+            else:
+                row[b] = cached_values[sample_ids[b], q]
+
+
+@numba.njit(**_EXACT)
+def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, lr, sum_exp, losses, sample_ids,
+                   record):
     """One SGD step of a ``SparseMLP`` on a batch, as ``Learner.train_step`` does it. Returns the loss (float32).
 
-    ``layers[l]``: (active_rows, indptr, indices, weights, bias, rows, col_ptr, col_order, importance,
-    connections, bias_mask) of layer l, the arrays of ``SparseLinear`` (the CSR over output slots, its CSC view
-    restricted to active rows, Omega) and the trainable connection ids (m_l,) int64 and bias mask (out slots,)
-    float32. activations[0] (n_features, batch) is the input, activations[l + 1] (slots, batch) layer l's output
-    (ReLU for hidden layers; only active rows are written); deltas[l] (slots, batch) receives the gradient at
+    ``layers[l]``: (compute_rows, indptr, indices, weights, bias, rows, col_ptr, col_order, importance,
+    connections, bias_mask, cached_rows, cached_values) of layer l: the rows to compute (the active rows, or
+    ``FrozenOutputs.compute_rows``), the arrays of ``SparseLinear`` (the CSR over output slots, its CSC view
+    restricted to active rows, Omega), the trainable connection ids (m_l,) int64, the bias mask (out slots,)
+    float32, and the rows whose outputs are copied, (r_l,) int64, from cached_values (n, r_l) float32 at
+    ``sample_ids`` (batch,) int64, or with ``record`` (then every row is among the compute rows) into it after
+    they are computed (``FrozenOutputs``; without it r_l = 0 and (0, 0) arrays).
+    activations[0] (n_features, batch) is the input, activations[l + 1] (slots, batch) layer l's output (ReLU
+    for hidden layers; only active rows are written); deltas[l] (slots, batch) receives the gradient at
     activations[l] (l >= 1; deltas[-1] the logits'); grads[l] (m_l,) float32 receives dL/dW. labels, masked,
     classes: see ``softmax_cross_entropy``; lr (rounded to float32, as NumPy rounds a Python float against
     float32 arrays); sum_exp, losses (batch,) float32 scratch.
 
-    Forward over the active rows, the loss, then from the top layer down: the gradient at the layer's input
-    (through the ReLU below) before the layer changes, dL/dW at its trainable connections, SGD with Omega
-    (Eq. 3) and the bias step. It runs the serial builds only (``fused_step_is_serial`` says where that is what
-    ``pick`` chooses): a cached kernel that calls a parallel one can crash when it is loaded from Numba's cache
-    (numba issue 8578; seen here with a second network depth).
+    Forward (cached rows copied, the others computed), the loss, then from the top layer down: the gradient at
+    the layer's input (through the ReLU below) before the layer changes, dL/dW at its trainable connections, SGD
+    with Omega (Eq. 3) and the bias step. It runs the serial builds only (``fused_step_is_serial`` says where
+    that is what ``pick`` chooses): a cached kernel that calls a parallel one can crash when it is loaded from
+    Numba's cache (numba issue 8578; seen here with a second network depth).
     """
     n = len(layers)
     lr32 = np.float32(lr)
     for l in range(n):
-        active_rows, indptr, indices, weights, bias = layers[l][:5]
-        _csr_forward_serial(active_rows, indptr, indices, weights, bias, activations[l], activations[l + 1], l < n - 1)
+        compute_rows, indptr, indices, weights, bias = layers[l][:5]
+        if not record:
+            copy_cached_rows(layers[l][11], layers[l][12], sample_ids, activations[l + 1], False)
+        _csr_forward_serial(compute_rows, indptr, indices, weights, bias, activations[l], activations[l + 1],
+                            l < n - 1)
+        if record:
+            copy_cached_rows(layers[l][11], layers[l][12], sample_ids, activations[l + 1], True)
     loss = softmax_cross_entropy(activations[n], labels, masked, classes, deltas[n], sum_exp, losses)
     for l in range(n - 1, -1, -1):
-        _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l]
+        _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l][:11]
         delta, x = deltas[l + 1], activations[l]
         if l > 0:
             _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])

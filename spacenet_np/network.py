@@ -33,6 +33,8 @@ def softmax_cross_entropy(logits, labels, classes=None):
 
 
 _ALL_CLASSES = np.zeros(0, dtype=bool)  # the ``classes`` argument of kernels.mlp_train_step when none are masked
+_NO_ROWS = np.zeros(0, dtype=np.int64)  # kernels.mlp_train_step's cached rows and sample ids without FrozenOutputs
+_NO_VALUES = np.zeros((0, 0), dtype=np.float32)
 
 
 class SparseNetwork:
@@ -142,9 +144,9 @@ class SparseMLP(SparseNetwork):
         return {"kind": "mlp", "sizes": list(self.sizes)}
 
     def prediction_batch(self, training_batch):
-        """At least 1000 samples per forward pass: an MLP's activation arrays are small, and a batch of 128
-        predicts split MNIST's test sets 1.3-1.6x slower than one of 1000."""
-        return max(training_batch, 1000)
+        """At least 512 samples per forward pass: on split MNIST's five test sets (paper network after task 5) a
+        batch of 128 takes 1.2x the time of 512, and 1000 takes 1.05x with twice the arrays."""
+        return max(training_batch, 512)
 
     def buffers(self, batch, deltas=True):
         """Reusable activation and gradient arrays for ``batch`` samples: lists of (slots, batch) float32.
@@ -235,27 +237,43 @@ class SparseMLP(SparseNetwork):
         return kernels.fused_step_is_serial([layer.nnz for layer in self.layers], [c.shape[0] for c in trainable],
                                             x.shape[1])
 
-    def train_step(self, x, labels, lr, trainable, bias_masks, classes=None):
+    def train_step(self, x, labels, lr, trainable, bias_masks, classes=None, frozen=None, sample_ids=None):
         """One SGD step on a batch in one kernel call, ``kernels.mlp_train_step``: what ``Learner.train_step``
         computes with the plain ``sgd_update`` (see ``Learner.fused_step_applies``), without the per-layer calls.
 
         Forward over the rows that reach the output, the softmax cross-entropy (over ``classes``, (n_classes,)
         bool, if given), then from the top layer down: the gradient at the layer's input, SGD with Omega on the
-        connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]`` where the mask is not 0. Arguments as
-        ``fused_step_supported`` accepts them. Returns the loss (float). Once the buffers for this structure and
-        batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
+        connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]`` where the mask is not 0.
+        Arguments as ``fused_step_supported`` accepts them; with ``frozen`` (a current ``FrozenOutputs`` of the
+        training set) and ``sample_ids`` (batch,) int64 (the batch's samples in it), the frozen rows' outputs are
+        recorded into it (``frozen.recording``) or copied from it, not computed (their deltas are then not
+        meaningful; nothing uses them). Returns the loss (float). Once the buffers for this structure and batch
+        size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
         self.update_active_rows()
         batch = x.shape[1]
         activations, deltas = self.buffers(batch)
         activations[0] = x
         grads, sum_exp, losses = self.step_buffers(batch, trainable)
-        layers = tuple((layer.active_rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows,
-                        layer.col_ptr, layer.col_order, layer.importance, connections, mask)
-                       for layer, connections, mask in zip(self.layers, trainable, bias_masks))
+        record = frozen is not None and frozen.recording
+        if frozen is None or record:
+            compute = [layer.active_rows for layer in self.layers]
+        else:
+            compute = frozen.compute_rows
+        if frozen is None:
+            cached, values, sample_ids = [_NO_ROWS] * len(self.layers), [_NO_VALUES] * len(self.layers), _NO_ROWS
+        else:
+            cached, values = frozen.cached_rows, frozen.values
+        layers = tuple((rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows, layer.col_ptr,
+                        layer.col_order, layer.importance, connections, mask, cached_rows, cached_values)
+                       for layer, rows, connections, mask, cached_rows, cached_values
+                       in zip(self.layers, compute, trainable, bias_masks, cached, values))
         masked = classes is not None
         loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), grads, labels, masked,
-                                      classes if masked else _ALL_CLASSES, float(lr), sum_exp, losses)
+                                      classes if masked else _ALL_CLASSES, float(lr), sum_exp, losses, sample_ids,
+                                      record)
+        if record:
+            frozen.recorded += batch
         return float(loss)
 
     def backward(self, activations, delta_out, step):

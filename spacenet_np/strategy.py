@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .frozen import FrozenOutputs
 from .layers import SparseLinear
 from .network import SparseMLP, SparseNetwork, softmax_cross_entropy, standardize_batch
 
@@ -74,6 +75,7 @@ class Learner:
     SWITCHES = ("softmax_scope",)  # the config's ablation switches this method honours (see spacenet.SWITCHES)
     OPTIONS = ()  # declared constructor options (``options.Option``) beyond (model, config, seed, mean, std)
     fused_step = True  # False: never run train_step as one kernel call (tests and benchmarks compare the two)
+    cache_frozen = True  # False: the fused step computes the frozen rows too (``FrozenOutputs``; tests compare)
 
     def __init__(self, model: SparseNetwork, config, seed=0, input_mean=0.0, input_std=1.0):
         config.validate(model, neuron_selection=self.uses_neuron_selection, switches=self.SWITCHES)
@@ -140,11 +142,14 @@ class Learner:
         """
         images, labels = self.training_data(state)
         self.loss_classes = self.softmax_classes(state)
-        for epoch in range(self.config.epochs):
-            self.train_epoch(state, images, labels, epoch, on_batch)
-            self.end_epoch(state, epoch)
-            if on_epoch is not None:
-                on_epoch(epoch)
+        try:
+            for epoch in range(self.config.epochs):
+                self.train_epoch(state, images, labels, epoch, on_batch)
+                self.end_epoch(state, epoch)
+                if on_epoch is not None:
+                    on_epoch(epoch)
+        finally:
+            self._frozen_outputs = None
 
     def train_epoch(self, state, images, labels, epoch, on_batch=None):
         """One epoch of SGD over ``images`` (n, n_features) and ``labels`` (n,) in a random order, on
@@ -154,10 +159,16 @@ class Learner:
         order = self.rng.permutation(images.shape[0])
         n_batches = -(-order.size // batch_size)
         reuse_input = images.dtype == np.uint8 and not self._replaced("input_batch", "train_step")
+        frozen = None
         for batch, start in enumerate(range(0, order.size, batch_size)):
             ids = order[start:start + batch_size]
-            x = self._reused_input(images, ids) if reuse_input else self.input_batch(images, ids)
-            loss = self.train_step(x, labels[ids])
+            if not reuse_input:
+                loss = self.train_step(self.input_batch(images, ids), labels[ids])
+            else:
+                x = self._reused_input(images, ids)
+                if batch == 0:
+                    frozen = self.frozen_outputs(images, x, labels[ids])
+                loss = self.train_step(x, labels[ids], None if frozen is None else (frozen, ids))
             if not np.isfinite(loss) or loss > diverged_loss(self.model.n_classes):
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
                                        f"batch {batch}: lower the learning rate (lr={self.config.lr})")
@@ -180,21 +191,37 @@ class Learner:
             buffers[key] = np.empty(key, np.float32)
         return standardize_batch(images, ids, self.input_mean, self.input_std, buffers[key])
 
+    def frozen_outputs(self, images, x, labels):
+        """The ``FrozenOutputs`` of the training set ``images`` for the epoch that starts with the batch ``x``,
+        ``labels`` (the current one, or a new one when the network or the set changed), or None: ``cache_frozen``
+        off, the batch not trained by the fused step, or no frozen row with connections."""
+        if not (self.cache_frozen and self.fused_step_applies(x, labels)):
+            self._frozen_outputs = None
+            return None
+        current = getattr(self, "_frozen_outputs", None)
+        if current is None or not current.matches(self.model, images, self.trainable, self.bias_trainable):
+            current = FrozenOutputs(self.model, images, self.trainable, self.bias_trainable)
+        current.start_epoch()
+        self._frozen_outputs = current
+        return current if current.rows else None
+
     def _replaced(self, *names):
         """Whether any of the methods ``names`` is not ``Learner``'s own: overridden by the class or set on the
         instance (as tests and profilers wrap them)."""
         return any(getattr(type(self), name) is not getattr(Learner, name) or name in vars(self) for name in names)
 
-    def train_step(self, x, labels):
+    def train_step(self, x, labels, frozen=None):
         """Forward, loss, backward and SGD update for one batch. x (n_features, batch). Returns the loss.
 
         Runs as one kernel call (``SparseMLP.train_step``) when ``fused_step_applies``, else layer by layer with
         ``sgd_update`` as the backward pass's step. Both do the same float32 operations in the same order, except
-        the loss's exp and log (libm's in the kernel, NumPy's SIMD ones here: up to 2 ulp apart).
+        the loss's exp and log (libm's in the kernel, NumPy's SIMD ones here: up to 2 ulp apart). ``frozen``:
+        (``frozen_outputs``, the batch's sample ids in it), which the fused step copies the frozen rows from.
         """
         if self.fused_step_applies(x, labels):
+            outputs, ids = (None, None) if frozen is None else frozen
             return self.model.train_step(x, labels, self.config.lr, self.trainable, self.bias_trainable,
-                                         self.loss_classes)
+                                         self.loss_classes, outputs, ids)
         activations = self.model.forward(x, reaching_output_only=True)
         loss, delta = softmax_cross_entropy(activations[-1], labels, self.loss_classes)
         self.model.backward(activations, delta, self.sgd_update)

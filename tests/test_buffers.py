@@ -90,8 +90,8 @@ def test_a_cnn_predicts_with_its_training_batch_arrays():
     assert peak_default < peak_large / 4
 
 
-def test_an_mlp_predicts_in_batches_of_at_least_1000():
-    assert SparseMLP(4, [3], 2).prediction_batch(128) == 1000
+def test_an_mlp_predicts_in_batches_of_at_least_512():
+    assert SparseMLP(4, [3], 2).prediction_batch(128) == 512
     assert SparseMLP(4, [3], 2).prediction_batch(4096) == 4096
 
 
