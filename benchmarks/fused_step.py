@@ -1,16 +1,18 @@
 """The fused MLP training step against the per-layer one on split MNIST, in one process, alternating.
 
 Each round runs one CLI seed in-process, ``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED,
-"--quiet", "--out", TMP])`` (the paper configuration: 784-400-400-10, batch 128, 4 epochs x 5 tasks), once with
-``Learner.fused_step = True`` (the default: one ``kernels.mlp_train_step`` call per batch) and once with False (the
-per-layer path: forward, NumPy softmax, backward with ``sgd_update``). Rounds alternate the order, so that load
-from other processes falls on both; the medians are reported with the ratio per-layer / fused. Timed: the whole
-``main`` call, the training loop (``train_epoch``, per batch) and ``Learner.train_step`` (per batch).
+"--quiet", "--out", TMP])`` (the paper configuration: 784-400-400-10, batch 128, 4 epochs x 5 tasks), once per
+path (``PATHS``): *fused* (the default: one ``kernels.mlp_train_step`` call per batch, frozen rows' outputs
+recorded in a task's first epoch and copied afterwards, ``spacenet_np.frozen``), *fused, frozen rows computed*
+(``Learner.cache_frozen = False``) and *per-layer* (``Learner.fused_step = False``: forward, NumPy softmax,
+backward with ``sgd_update``). Each path goes first in turn, so that load from other processes falls on all; the
+medians are reported with the ratio to the fused path. Timed: the whole ``main`` call, the training loop
+(``train_epoch``, per batch) and ``Learner.train_step`` (per batch).
 
-A last pair of rounds times every kernel call with the useful work it does: the forward pass
-``2 * batch * (connections into the rows that reach the output)``, the input gradient ``2 * batch * (connections
-of the CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernel:
-its whole call, softmax and SGD included in the time, not in the work).
+A last round per path times every kernel call with the useful work it does: the forward pass
+``2 * batch * (connections into the rows it computes)``, the input gradient ``2 * batch * (connections of the
+CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernel: its whole
+call, softmax, SGD and copied rows included in the time, not in the work).
 
 Run: ``python -m benchmarks.fused_step [--rounds 5] [--seed 0]``. Writes ``results/fused_step.{json,md}``.
 """
@@ -78,11 +80,13 @@ def forward_work(args):
 
 
 def fused_work(args):
-    """Useful multiply-adds x 2 of one ``mlp_train_step`` call: forward, input gradient, weight gradient."""
+    """Useful multiply-adds x 2 of one ``mlp_train_step`` call: forward (the rows it computes; rows copied from
+    ``FrozenOutputs`` are not work), input gradient, weight gradient."""
     layers, activations = args[0], args[1]
     batch, total = activations[0].shape[1], {"forward": 0, "input_grad": 0, "weight_grad": 0}
-    for l, (active_rows, indptr, *_, col_order, _, connections, _) in enumerate(layers):
-        total["forward"] += 2 * batch * int(np.sum(indptr[active_rows + 1] - indptr[active_rows]))
+    for l, layer in enumerate(layers):
+        compute_rows, indptr, col_order, connections = layer[0], layer[1], layer[7], layer[9]
+        total["forward"] += 2 * batch * int(np.sum(indptr[compute_rows + 1] - indptr[compute_rows]))
         total["input_grad"] += 2 * batch * col_order.size if l > 0 else 0
         total["weight_grad"] += 2 * batch * connections.size
     return total
@@ -130,9 +134,13 @@ class KernelMeter:
             setattr(kernels, name, value)
 
 
-def run_seed(seed, fused, instrument):
-    """One in-process CLI run. Returns (seconds of main, results.json run entry)."""
-    Learner.fused_step = fused
+PATHS = {"fused": (True, True), "fused, frozen rows computed": (True, False), "per-layer": (False, True)}
+
+
+def run_seed(seed, path, instrument):
+    """One in-process CLI run on ``path`` (a key of PATHS: ``Learner.fused_step``, ``Learner.cache_frozen``).
+    Returns (seconds of main, results.json run entry)."""
+    Learner.fused_step, Learner.cache_frozen = PATHS[path]
     instrument.install()
     try:
         with tempfile.TemporaryDirectory(prefix="fused_step_") as out, contextlib.redirect_stdout(io.StringIO()):
@@ -142,7 +150,7 @@ def run_seed(seed, fused, instrument):
             run = json.loads((Path(out) / "results.json").read_text())["runs"][0]
     finally:
         instrument.remove()
-        Learner.fused_step = True
+        Learner.fused_step, Learner.cache_frozen = True, True
     if code != 0:
         raise RuntimeError(f"spacenet_np.train exited with {code}")
     return elapsed, run
@@ -157,32 +165,35 @@ def main(argv=None):
     machine = machine_info()
     lines = []
     say = lines.append
-    for fused in (True, False):  # load the cached kernels and the data once
-        run_seed(args.seed, fused, Timers())
-    rows = {True: defaultdict(list), False: defaultdict(list)}
-    accuracy = {}
+    paths = list(PATHS)
+    for path in paths:  # load the cached kernels and the data once
+        run_seed(args.seed, path, Timers())
+    rows, accuracy = {path: defaultdict(list) for path in paths}, {}
     for r in range(args.rounds):
-        for fused in ((True, False) if r % 2 == 0 else (False, True)):
+        for path in paths[r % 3:] + paths[:r % 3]:  # each path first in turn
             timers = Timers()
-            elapsed, run = run_seed(args.seed, fused, timers)
+            elapsed, run = run_seed(args.seed, path, timers)
             batches = timers.calls["train_step"]
-            rows[fused]["main_s"].append(elapsed)
-            rows[fused]["seed_s"].append(run["wall_time_s"])
-            rows[fused]["batch_ms"].append(1e3 * timers.seconds["train_epoch"] / batches)
-            rows[fused]["step_ms"].append(1e3 * timers.seconds["train_step"] / batches)
-            accuracy[fused] = run["final_average_accuracy"]
-    say(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min)")
-    say(f"{'':24s}{'fused':>18s}{'per-layer':>18s}{'per-layer/fused':>18s}")
+            rows[path]["main_s"].append(elapsed)
+            rows[path]["seed_s"].append(run["wall_time_s"])
+            rows[path]["batch_ms"].append(1e3 * timers.seconds["train_epoch"] / batches)
+            rows[path]["step_ms"].append(1e3 * timers.seconds["train_step"] / batches)
+            accuracy[path] = run["final_average_accuracy"]
+    say(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min; x: time / "
+        "the fused path's)")
+    say(f"{'':26s}" + "".join(f"{path:>36s}" for path in paths))
     for key, label in (("main_s", "CLI main (s)"), ("seed_s", "seed wall_time_s (s)"),
                        ("batch_ms", "training loop / batch (ms)"), ("step_ms", "train_step / batch (ms)")):
-        a, b = statistics.median(rows[True][key]), statistics.median(rows[False][key])
-        say(f"{label:26s}{a:9.3f} ({min(rows[True][key]):6.3f}){b:9.3f} ({min(rows[False][key]):6.3f}){b / a:12.2f}")
-    say(f"final average accuracy: fused {accuracy[True]:.4f} %, per-layer {accuracy[False]:.4f} %")
-    for fused in (True, False):
+        fused = statistics.median(rows["fused"][key])
+        cells = [f"{statistics.median(rows[p][key]):9.3f} ({min(rows[p][key]):6.3f}) "
+                 f"{statistics.median(rows[p][key]) / fused:5.2f}x" for p in paths]
+        say(f"{label:26s}" + "".join(f"{c:>36s}" for c in cells))
+    say("final average accuracy: " + ", ".join(f"{p} {accuracy[p]:.4f} %" for p in paths))
+    for path in paths:
         meter = KernelMeter()
-        run_seed(args.seed, fused, meter)
-        say(f"kernels, {'fused' if fused else 'per-layer'} path (useful GFLOP/s; per training batch: ms, MFLOP; "
-              f"csr_forward includes the evaluation's forward passes):")
+        run_seed(args.seed, path, meter)
+        say(f"kernels, {path} path (useful GFLOP/s; per training batch: ms, MFLOP; "
+            f"csr_forward includes the evaluation's forward passes):")
         for name in sorted(meter.calls):
             gflops, per_batch = meter.flops[name] / meter.seconds[name] / 1e9, 1e3 * meter.seconds[name] / batches
             mflop = meter.flops[name] / batches / 1e6
@@ -192,12 +203,10 @@ def main(argv=None):
                     say(f"    {part:20s} {meter.flops[f'{name}.{part}'] / batches / 1e6:.2f} MFLOP")
     text = "\n".join(lines)
     print(text)
-    medians = {("fused" if fused else "per_layer"): {k: statistics.median(v) for k, v in rows[fused].items()}
-               for fused in (True, False)}
-    write_results("fused_step", {"rounds": args.rounds, "seed": args.seed, "medians": medians,
-                                 "runs": {("fused" if f else "per_layer"): dict(rows[f]) for f in (True, False)},
-                                 "final_average_accuracy": {("fused" if f else "per_layer"): a
-                                                            for f, a in accuracy.items()}},
+    medians = {path: {k: statistics.median(v) for k, v in rows[path].items()} for path in paths}
+    write_results("fused_step", {"rounds": args.rounds, "seed": args.seed, "paths": PATHS, "medians": medians,
+                                 "runs": {path: dict(rows[path]) for path in paths},
+                                 "final_average_accuracy": accuracy},
                   "# The fused MLP step against the per-layer one (split MNIST, one seed, in-process)\n\n```\n"
                   + text + "\n```", reproduce_command("fused_step", argv), machine)
     return 0

@@ -102,14 +102,32 @@ def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, ou
 
     col_ptr (n_in + 1,), col_order (nnz,) connection ids grouped by input neuron, rows (nnz,), weights (nnz,),
     delta (n_out, batch), activation (n_in, batch) the ReLU output of the input layer, out (n_in, batch).
+    A row starts from its first connections' products (no pass writing zeros first); an input with no
+    connection gets zeros and no ReLU pass.
     """
     batch = delta.shape[1]
     for j in prange(out.shape[0]):
         acc = out[j]
-        for b in range(batch):
-            acc[b] = 0.0
         p = col_ptr[j]
         end = col_ptr[j + 1]
+        if p == end:
+            for b in range(batch):
+                acc[b] = 0.0
+            continue
+        if p + 4 <= end:
+            k0, k1, k2, k3 = col_order[p], col_order[p + 1], col_order[p + 2], col_order[p + 3]
+            w0, w1, w2, w3 = weights[k0], weights[k1], weights[k2], weights[k3]
+            d0, d1, d2, d3 = delta[rows[k0]], delta[rows[k1]], delta[rows[k2]], delta[rows[k3]]
+            for b in range(batch):
+                acc[b] = w0 * d0[b] + w1 * d1[b] + w2 * d2[b] + w3 * d3[b]
+            p += 4
+        else:
+            k = col_order[p]
+            w = weights[k]
+            d = delta[rows[k]]
+            for b in range(batch):
+                acc[b] = w * d[b]
+            p += 1
         while p + 4 <= end:
             k0, k1, k2, k3 = col_order[p], col_order[p + 1], col_order[p + 2], col_order[p + 3]
             w0, w1, w2, w3 = weights[k0], weights[k1], weights[k2], weights[k3]

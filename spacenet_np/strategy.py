@@ -159,7 +159,7 @@ class Learner:
         order = self.rng.permutation(images.shape[0])
         n_batches = -(-order.size // batch_size)
         reuse_input = images.dtype == np.uint8 and not self._replaced("input_batch", "train_step")
-        frozen = None
+        frozen, limit = None, diverged_loss(self.model.n_classes)
         for batch, start in enumerate(range(0, order.size, batch_size)):
             ids = order[start:start + batch_size]
             if not reuse_input:
@@ -169,7 +169,7 @@ class Learner:
                 if batch == 0:
                     frozen = self.frozen_outputs(images, x, labels[ids])
                 loss = self.train_step(x, labels[ids], None if frozen is None else (frozen, ids))
-            if not np.isfinite(loss) or loss > diverged_loss(self.model.n_classes):
+            if not -np.inf < loss <= limit:  # not finite (NaN compares False) or above the limit
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
                                        f"batch {batch}: lower the learning rate (lr={self.config.lr})")
             if on_batch is not None:
