@@ -791,24 +791,19 @@ def _sgd_step_kernels(connections, grad, lr, weights, importance):
         importance[k] += total
 
 
-def _transpose_standardize(images, sample_ids, scale, shift, out):
-    """``out[f, b] = images[sample_ids[b], f] * scale[f] + shift[f]``: a uint8 batch gathered, to float32 with
-    per-feature statistics, transposed. Returns False, writing nothing, if an id is outside ``[0, n)``.
-    images (n, n_features) uint8, sample_ids (batch,) int, scale/shift (n_features,) float32, out (n_features,
-    batch) float32."""
-    if not _ids_in_range(sample_ids, images.shape[0]):
-        return False
-    batch, n_features = sample_ids.shape[0], images.shape[1]
+def _transpose_standardize(rows, scale, shift, out):
+    """``out[f, b] = rows[b, f] * scale[f] + shift[f]``: a uint8 batch to float32 with per-feature statistics,
+    transposed. rows (batch, n_features) uint8, scale/shift (n_features,) float32, out (n_features, batch)."""
+    batch, n_features = rows.shape
     tile = 32
     for t in prange((n_features + tile - 1) // tile):
         f0 = t * tile
         f1 = min(f0 + tile, n_features)
         for b0 in range(0, batch, tile):
             for b in range(b0, min(b0 + tile, batch)):
-                row = images[sample_ids[b]]
+                row = rows[b]
                 for f in range(f0, f1):
                     out[f, b] = row[f] * scale[f] + shift[f]
-    return True
 
 
 conv_forward = _build(_conv_forward)

@@ -400,7 +400,7 @@ def test_transpose_standardize_per_feature(build, n, n_features, batch, seed):
     shift = (-mean / std).astype(np.float32)
     out = np.full((n_features, batch), np.nan, np.float32)
 
-    assert kernels.transpose_standardize[build](images, ids, scale, shift, out)
+    kernels.transpose_standardize[build](images[ids], scale, shift, out)
 
     expected = (images[ids].T / 255.0 - mean[:, None]) / std[:, None]
     tol = 1e-5 * (1.0 + (1.0 + mean) / std)[:, None]
