@@ -1,5 +1,7 @@
 """Frozen rows and their recorded outputs (``spacenet_np.frozen``): which rows are frozen, and training that copies
 their outputs gives the same bits as training that computes them."""
+import tracemalloc
+
 import numpy as np
 import pytest
 from helpers import pair_tasks
@@ -146,3 +148,28 @@ def test_nothing_is_kept_above_the_memory_bound(monkeypatch, observed):
     tasks = pair_tasks(8, 16, 25, seed=4, spread=30.0)
     learn_bits(True, tasks)
     assert init.rows and max(init.rows) == 0 and counting.copies == 0
+
+
+def test_a_step_that_copies_frozen_outputs_allocates_nothing():
+    """Like test_fused_step's check: once the buffers exist, a step copying frozen rows allocates no array."""
+    tasks = pair_tasks(8, 16, 25, seed=4, spread=30.0)
+    learner = small_learner(model=SparseMLP(16, [40, 30], 8), connections_per_task=(80, 40, 12))
+    for images, labels, classes in tasks[:3]:
+        learner.learn(images, labels, classes)
+    images, labels, classes = tasks[3]  # the fourth task reads frozen rows (the third does not)
+    state = learner.begin_task(np.asarray(classes))
+    learner.loss_classes = learner.softmax_classes(state)
+    ids = np.arange(16)
+    x = learner._reused_input(images, ids)
+    outputs = learner.frozen_outputs(images, x, labels[ids])
+    assert outputs is not None and outputs.rows > 0
+    outputs.recorded = outputs.n_samples  # as after a recording epoch: the step copies
+    learner.train_step(x, labels[ids], (outputs, ids))
+    tracemalloc.start()
+    try:
+        x = learner._reused_input(images, ids)
+        learner.train_step(x, labels[ids], (outputs, ids))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4096, peak
