@@ -9,7 +9,7 @@ forward pass's work (21,000 of the 32,000 connections into the first hidden laye
 ``FrozenOutputs`` keeps their outputs for every sample of the task's training set. The fused training step
 (``kernels.mlp_train_step``) computes every row and records them during the first epoch, then copies a batch's
 values instead of computing them: the values are the ones the step computed, so training gives the same bits
-either way. ``Learner.train_epoch`` checks at every epoch that they still hold (``matches``: the same samples,
+either way. ``Learner.train_epoch`` checks at every epoch that they still hold (``holds``: the same samples,
 frozen rows, connections, weights and biases) and starts over when anything changed.
 """
 import numpy as np
@@ -42,26 +42,31 @@ class FrozenOutputs:
     """The outputs of the frozen rows that have connections, for every sample of a training set.
 
     Per layer: ``cached_rows`` (r_l,) int64 the rows whose outputs are kept, ``values`` (n, r_l) float32 (sample
-    major: a batch reads one short row per sample) and ``compute_rows`` (k_l,) int64 the rows that reach the
-    output and are computed per batch once the values are known (frozen rows without connections only copy
-    their bias). ``rows``: the total of kept rows (0: nothing to gain). The values are recorded by the fused
-    steps of one epoch, which compute every row (``recording``), then copied by the later epochs' steps.
+    major: a batch reads one short row per sample) and ``compute_rows`` (k_l,) int64 the other rows that reach the
+    output, computed per batch once the values are known (frozen rows without connections only copy their bias).
+    ``rows``: the total of kept rows (0: nothing to gain, or more than MAX_BYTES of values). The values are
+    recorded by the fused steps of one epoch, which compute every row (``recording``), then copied by the later
+    epochs' steps.
     """
 
     def __init__(self, model, images, trainable, bias_masks):
         frozen = frozen_rows(model, trainable, bias_masks)
-        self.n_samples, self.signature = images.shape[0], _signature(model, frozen)
-        self.images = images
-        self.cached_rows, self.compute_rows = [], []
-        for layer, rows in zip(model.layers, frozen):
-            kept = rows & (np.diff(layer.indptr) > 0)
-            self.cached_rows.append(np.flatnonzero(kept))
-            self.compute_rows.append(layer.active_rows[~kept[layer.active_rows]])
+        self.images, self.n_samples, self.signature = images, images.shape[0], _signature(model, frozen)
+        self.cached_rows = [np.flatnonzero(rows & (np.diff(layer.indptr) > 0))
+                            for layer, rows in zip(model.layers, frozen)]
         self.rows = sum(r.size for r in self.cached_rows)
         if self.n_samples * self.rows * 4 > MAX_BYTES:
-            self.rows = 0
-        self.values = [np.empty((self.n_samples if self.rows else 0, r.size), np.float32) for r in self.cached_rows]
+            self.cached_rows, self.rows = [r[:0] for r in self.cached_rows], 0
+        self.values = [np.empty((self.n_samples, r.size), np.float32) for r in self.cached_rows]
         self.recorded = 0  # samples whose values the current epoch's steps have recorded
+        self.valid = True
+        self._follow(model)
+
+    def _follow(self, model):
+        """Derive ``compute_rows`` from the layers' rows that reach the output now, noting their versions."""
+        self.versions = tuple(layer.version for layer in model.layers)
+        self.compute_rows = [np.setdiff1d(layer.active_rows, cached, assume_unique=True)
+                             for layer, cached in zip(model.layers, self.cached_rows)]
 
     @property
     def recording(self):
@@ -73,10 +78,21 @@ class FrozenOutputs:
         if self.recording:
             self.recorded = 0
 
-    def matches(self, model, images, trainable, bias_masks):
-        """Whether the kept values still hold for ``images`` and the network as it is now."""
-        return images is self.images and _same(self.signature,
-                                               _signature(model, frozen_rows(model, trainable, bias_masks)))
+    def holds(self, model, images, trainable, bias_masks):
+        """Whether the kept values hold for ``images`` and the network and trainable parameters as they are now
+        (the frozen rows, their connections, weights and biases unchanged); if so, ``compute_rows`` follows the
+        network's current rows."""
+        self.valid = images is self.images and _same(self.signature,
+                                                     _signature(model, frozen_rows(model, trainable, bias_masks)))
+        if self.valid:
+            self._follow(model)
+        return self.valid
+
+    def current(self, model, trainable, bias_masks):
+        """``holds``, checked only when a layer's structure changed since the last check (a step calls this)."""
+        if self.valid and self.versions != tuple(layer.version for layer in model.layers):
+            self.holds(model, self.images, trainable, bias_masks)
+        return self.valid
 
 
 def _signature(model, frozen):

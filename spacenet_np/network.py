@@ -244,26 +244,26 @@ class SparseMLP(SparseNetwork):
         Forward over the rows that reach the output, the softmax cross-entropy (over ``classes``, (n_classes,)
         bool, if given), then from the top layer down: the gradient at the layer's input, SGD with Omega on the
         connections ``trainable[l]`` and ``bias -= lr * dL/db * bias_masks[l]`` where the mask is not 0.
-        Arguments as ``fused_step_supported`` accepts them; with ``frozen`` (a current ``FrozenOutputs`` of the
-        training set) and ``sample_ids`` (batch,) int64 (the batch's samples in it), the frozen rows' outputs are
-        recorded into it (``frozen.recording``) or copied from it, not computed (their deltas are then not
-        meaningful; nothing uses them). Returns the loss (float). Once the buffers for this structure and batch
-        size exist (``buffers``, ``step_buffers``), nothing is allocated.
+        Arguments as ``fused_step_supported`` accepts them; with ``frozen`` (a ``FrozenOutputs`` of the training
+        set) and ``sample_ids`` (batch,) int64 (the batch's samples in it), the frozen rows' outputs are recorded
+        into it (``frozen.recording``) or copied from it, not computed, as long as it holds (``frozen.current``);
+        the frozen rows' deltas are then not meaningful (nothing uses them). Returns the loss (float). Once the
+        buffers for this structure and batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
         self.update_active_rows()
         batch = x.shape[1]
         activations, deltas = self.buffers(batch)
         activations[0] = x
         grads, sum_exp, losses = self.step_buffers(batch, trainable)
-        record = frozen is not None and frozen.recording
-        if frozen is None or record:
-            compute = [layer.active_rows for layer in self.layers]
-        else:
-            compute = frozen.compute_rows
+        if frozen is not None and not frozen.current(self, trainable, bias_masks):
+            frozen = None
+        n = len(self.layers)
         if frozen is None:
-            cached, values, sample_ids = [_NO_ROWS] * len(self.layers), [_NO_VALUES] * len(self.layers), _NO_ROWS
+            record, cached, values, sample_ids = False, [_NO_ROWS] * n, [_NO_VALUES] * n, _NO_ROWS
         else:
-            cached, values = frozen.cached_rows, frozen.values
+            record, cached, values = frozen.recording, frozen.cached_rows, frozen.values
+        copying = frozen is not None and not record
+        compute = frozen.compute_rows if copying else [layer.active_rows for layer in self.layers]
         layers = tuple((rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows, layer.col_ptr,
                         layer.col_order, layer.importance, connections, mask, cached_rows, cached_values)
                        for layer, rows, connections, mask, cached_rows, cached_values

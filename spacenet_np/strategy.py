@@ -199,7 +199,7 @@ class Learner:
             self._frozen_outputs = None
             return None
         current = getattr(self, "_frozen_outputs", None)
-        if current is None or not current.matches(self.model, images, self.trainable, self.bias_trainable):
+        if current is None or not current.holds(self.model, images, self.trainable, self.bias_trainable):
             current = FrozenOutputs(self.model, images, self.trainable, self.bias_trainable)
         current.start_epoch()
         self._frozen_outputs = current

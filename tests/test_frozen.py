@@ -99,6 +99,36 @@ def test_copying_frozen_outputs_gives_the_same_bits(observed, overrides):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def owned_by(model, owner):
+    return [np.flatnonzero(layer.owner == owner).astype(np.int64) for layer in model.layers]
+
+
+@SETTINGS
+@given(p=mlps, change=st.integers(0, 2**32 - 1))
+def test_after_a_structure_change_the_outputs_are_dropped_or_follow_the_rows_that_reach_the_output(p, change):
+    """Connections owned by 1 train. A new connection somewhere (trained or not) may change which rows reach the
+    output and which are frozen: ``current`` then either gives the outputs up or computes exactly the rows that
+    reach the output and are not kept, keeping only rows that are still frozen with the same inputs."""
+    rng, model, learner = random_case(p)
+    masks = learner.bias_trainable
+    outputs = FrozenOutputs(model, np.zeros((3, model.n_features), np.uint8), owned_by(model, 1), masks)
+    rng = np.random.default_rng(change)
+    layer = model.layers[rng.integers(len(model.layers))]
+    n_out, n_in = layer.out_index.n_slots, layer.in_index.n_slots
+    empty = np.setdiff1d(np.arange(n_out * n_in), layer.rows.astype(np.int64) * n_in + layer.indices)
+    if empty.size:
+        key = rng.choice(empty)
+        layer.add_connections([key // n_in], [key % n_in], np.float32([0.5]), owner=int(rng.integers(2)))
+    trainable = owned_by(model, 1)
+    if outputs.current(model, trainable, masks):
+        frozen = frozen_rows(model, trainable, masks)
+        for layer, rows, cached, compute in zip(model.layers, frozen, outputs.cached_rows, outputs.compute_rows):
+            assert np.all(rows[cached])
+            assert np.array_equal(compute, np.setdiff1d(layer.active_rows, cached))
+    else:
+        assert empty.size
+
+
 def learn_bits(cache, tasks, **overrides):
     learner = small_learner(model=SparseMLP(16, [40, 30], 8), connections_per_task=(80, 40, 12), **overrides)
     learner.cache_frozen = cache
