@@ -351,6 +351,26 @@ def test_group_by_input_is_a_stable_sort_by_input(nnz, n_in, fraction, index_dty
     assert col_ptr.dtype == np.int64 and col_order.dtype == np.int64
 
 
+# ----- copy_cached_rows (frozen outputs) -----
+@SETTINGS
+@given(n=st.integers(1, 30), slots=st.integers(1, 12), batch=st.integers(1, 20), seed=seeds)
+def test_copy_cached_rows_both_ways(n, slots, batch, seed):
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(slots, size=rng.integers(0, slots + 1), replace=False)).astype(np.int64)
+    values = rng.normal(size=(n, rows.size)).astype(np.float32)
+    ids = rng.permutation(n)[:batch].astype(np.int64) if batch <= n else rng.integers(0, n, batch)
+    out = rng.normal(size=(slots, ids.size)).astype(np.float32)
+    expected = out.copy()
+    expected[rows] = values[ids].T
+    kernels.copy_cached_rows(rows, values, ids, out, False)
+    assert np.array_equal(out, expected)
+    out[rows] = rng.normal(size=(rows.size, ids.size)).astype(np.float32)
+    recorded = values.copy()
+    recorded[ids] = out[rows].T  # repeated ids: NumPy keeps the last, as the kernel does
+    kernels.copy_cached_rows(rows, values, ids, out, True)
+    assert np.array_equal(values, recorded)
+
+
 # ----- pick and thread-count independence -----
 def test_pick_chooses_serial_below_threshold_and_parallel_above():
     for pair in (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
