@@ -10,7 +10,9 @@ forward pass's work (21,000 of the 32,000 connections into the first hidden laye
 (``kernels.mlp_train_step``) computes every row and records them during the first epoch, then copies a batch's
 values instead of computing them: the values are the ones the step computed, so training gives the same bits
 either way. ``Learner.train_epoch`` checks at every epoch that they still hold (``holds``: the same samples,
-frozen rows, connections, weights and biases) and starts over when anything changed.
+frozen rows, connections, weights and biases) and starts over when anything changed; within an epoch a step
+checks again after any change of structure (``current``). A frozen weight changed in place between two steps of
+one epoch (a callback editing the network) is seen at the next epoch.
 """
 import numpy as np
 
