@@ -199,8 +199,8 @@ def _sgd_step_with_importance(connections, grad, lr, weights, importance):
 
 
 @numba.njit(cache=CACHE, nogil=True)
-def _ids_in_range(sample_ids, n):
-    """Whether every id is in ``[0, n)``: the gathering kernels check before they read."""
+def ids_in_range(sample_ids, n):
+    """Whether every id is in ``[0, n)``: checked before samples are gathered (``standardize_batch``)."""
     for b in range(sample_ids.shape[0]):
         if sample_ids[b] < 0 or sample_ids[b] >= n:
             return False
@@ -215,7 +215,7 @@ def _transpose_lookup(images, sample_ids, lut, out):
     Four samples per pass over the features: each output row gets four adjacent values at a time (2.2x faster
     than 32 x 32 tiles at batch 128); threads split the samples.
     """
-    if not _ids_in_range(sample_ids, images.shape[0]):
+    if not ids_in_range(sample_ids, images.shape[0]):
         return False
     batch, n_features = sample_ids.shape[0], images.shape[1]
     quads = batch // 4

@@ -464,7 +464,7 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
         kernel = kernels.pick(kernels.transpose_lookup, out.size)
         in_range = kernel(images, sample_ids, input_lookup(float(mean), float(std)), out)
     else:  # gathered first: the tiled kernel reads a contiguous copy 1.3x faster than scattered image rows
-        in_range = sample_ids.size == 0 or (sample_ids.min() >= 0 and sample_ids.max() < images.shape[0])
+        in_range = kernels.ids_in_range(sample_ids, images.shape[0])
         if in_range:
             scale, shift = feature_affine(mean, std)
             kernels.pick(kernels.transpose_standardize, out.size)(images[sample_ids], scale, shift, out)

@@ -162,13 +162,14 @@ class Learner:
         frozen, limit = None, diverged_loss(self.model.n_classes)
         for batch, start in enumerate(range(0, order.size, batch_size)):
             ids = order[start:start + batch_size]
+            batch_labels = labels[ids]
             if not reuse_input:
-                loss = self.train_step(self.input_batch(images, ids), labels[ids])
+                loss = self.train_step(self.input_batch(images, ids), batch_labels)
             else:
                 x = self._reused_input(images, ids)
                 if batch == 0:
-                    frozen = self.frozen_outputs(images, x, labels[ids])
-                loss = self.train_step(x, labels[ids], None if frozen is None else (frozen, ids))
+                    frozen = self.frozen_outputs(images, x, batch_labels)
+                loss = self.train_step(x, batch_labels, None if frozen is None else (frozen, ids))
             if not -np.inf < loss <= limit:  # not finite (NaN compares False) or above the limit
                 raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
                                        f"batch {batch}: lower the learning rate (lr={self.config.lr})")
