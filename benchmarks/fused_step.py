@@ -2,17 +2,20 @@
 
 Each round runs one CLI seed in-process, ``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED,
 "--quiet", "--out", TMP])`` (the paper configuration: 784-400-400-10, batch 128, 4 epochs x 5 tasks), once per
-path (``PATHS``): *fused* (the default: one ``kernels.mlp_train_step`` call per batch, frozen rows' outputs
-recorded in a task's first epoch and copied afterwards, ``spacenet_np.frozen``), *fused, frozen rows computed*
-(``Learner.cache_frozen = False``) and *per-layer* (``Learner.fused_step = False``: forward, NumPy softmax,
-backward with ``sgd_update``). Each path goes first in turn, so that load from other processes falls on all; the
-medians are reported with the ratio to the fused path. Timed: the whole ``main`` call, the training loop
-(``train_epoch``, per batch) and ``Learner.train_step`` (per batch).
+path (``PATHS``): *fused* (the default: an epoch's whole batches in one ``kernels.mlp_train_batches`` call, the
+last partial batch by one ``kernels.mlp_train_step`` call; frozen rows' outputs recorded in a task's first epoch
+and copied afterwards, ``spacenet_np.frozen``), *fused per batch* (``Learner.fused_batches = False``: one
+``mlp_train_step`` call per batch), *fused, frozen rows computed* (``Learner.cache_frozen = False``) and
+*per-layer* (``Learner.fused_step = False``: forward, NumPy softmax, backward with ``sgd_update``). Each path goes
+first in turn, so that load from other processes falls on all; the medians are reported with the ratio to the
+fused path. Timed: the whole ``main`` call, the training loop (``train_epoch``, per batch) and the step kernels'
+Python calls (``Learner.train_step`` and ``SparseMLP.train_batches``, per batch).
 
 A last round per path times every kernel call with the useful work it does: the forward pass
 ``2 * batch * (connections into the rows it computes)``, the input gradient ``2 * batch * (connections of the
-CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernel: its whole
-call, softmax, SGD and copied rows included in the time, not in the work).
+CSC view)``, the weight gradient ``2 * batch * (trainable connections)``, in GFLOP/s (the fused kernels: their
+whole call, softmax, SGD, copied rows and, for ``mlp_train_batches``, the batches' gathering included in the time,
+not in the work).
 
 Run: ``python -m benchmarks.fused_step [--rounds 5] [--seed 0]``. Writes ``results/fused_step.{json,md}``.
 """
@@ -37,6 +40,7 @@ import numpy as np
 
 from benchmarks.common import machine_info, reproduce_command, write_results
 from spacenet_np import kernels, train
+from spacenet_np.network import SparseMLP
 from spacenet_np.strategy import Learner
 
 
@@ -45,11 +49,15 @@ def cli_argv(seed, out):
 
 
 class Timers:
-    """Wrappers around ``Learner.train_epoch`` and ``Learner.train_step`` (class attributes: the learner's own
-    methods stay Learner's, so the fused path and the reused input buffer stay on)."""
+    """Wrappers around ``Learner.train_epoch``, ``Learner.train_step`` and ``SparseMLP.train_batches`` (class
+    attributes: the learner's own methods stay Learner's, so the fused paths and the reused input buffer stay on).
+    ``batches``: the batches trained, one per ``train_step`` call plus the losses ``train_batches`` returns."""
+
+    TIMED = ((Learner, "train_epoch"), (Learner, "train_step"), (SparseMLP, "train_batches"))
 
     def __init__(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.batches = 0
         self.saved = {}
 
     def _wrap(self, name, method):
@@ -58,20 +66,22 @@ class Timers:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return method(*args, **kwargs)
+                result = method(*args, **kwargs)
+                timers.batches += 1 if name == "train_step" else len(result) if name == "train_batches" else 0
+                return result
             finally:
                 timers.seconds[name] += time.perf_counter() - start
                 timers.calls[name] += 1
         return timed
 
     def install(self):
-        for name in ("train_epoch", "train_step"):
-            self.saved[name] = getattr(Learner, name)
-            setattr(Learner, name, self._wrap(name, self.saved[name]))
+        for owner, name in self.TIMED:
+            self.saved[owner, name] = getattr(owner, name)
+            setattr(owner, name, self._wrap(name, self.saved[owner, name]))
 
     def remove(self):
-        for name, method in self.saved.items():
-            setattr(Learner, name, method)
+        for (owner, name), method in self.saved.items():
+            setattr(owner, name, method)
 
 
 def forward_work(args):
@@ -90,6 +100,11 @@ def fused_work(args):
         total["input_grad"] += 2 * batch * col_order.size if l > 0 else 0
         total["weight_grad"] += 2 * batch * connections.size
     return total
+
+
+def batches_work(args):
+    """``fused_work`` of each batch of one ``mlp_train_batches`` call (all of them: the runs do not diverge)."""
+    return {part: value * args[-1].shape[0] for part, value in fused_work(args).items()}
 
 
 WORK = {"csr_forward": forward_work,
@@ -126,21 +141,23 @@ class KernelMeter:
         for name, work in WORK.items():
             pair = self.saved[name] = getattr(kernels, name)
             setattr(kernels, name, tuple(self._measured(name, k, work) for k in pair))
-        self.saved["mlp_train_step"] = kernels.mlp_train_step
-        kernels.mlp_train_step = self._measured("mlp_train_step", kernels.mlp_train_step, fused_work)
+        for name, work in (("mlp_train_step", fused_work), ("mlp_train_batches", batches_work)):
+            self.saved[name] = getattr(kernels, name)
+            setattr(kernels, name, self._measured(name, self.saved[name], work))
 
     def remove(self):
         for name, value in self.saved.items():
             setattr(kernels, name, value)
 
 
-PATHS = {"fused": (True, True), "fused, frozen rows computed": (True, False), "per-layer": (False, True)}
+PATHS = {"fused": (True, True, True), "fused per batch": (True, True, False),
+         "fused, frozen rows computed": (True, False, True), "per-layer": (False, True, True)}
 
 
 def run_seed(seed, path, instrument):
-    """One in-process CLI run on ``path`` (a key of PATHS: ``Learner.fused_step``, ``Learner.cache_frozen``).
-    Returns (seconds of main, results.json run entry)."""
-    Learner.fused_step, Learner.cache_frozen = PATHS[path]
+    """One in-process CLI run on ``path`` (a key of PATHS: ``Learner.fused_step``, ``Learner.cache_frozen``,
+    ``Learner.fused_batches``). Returns (seconds of main, results.json run entry)."""
+    Learner.fused_step, Learner.cache_frozen, Learner.fused_batches = PATHS[path]
     instrument.install()
     try:
         with tempfile.TemporaryDirectory(prefix="fused_step_") as out, contextlib.redirect_stdout(io.StringIO()):
@@ -150,7 +167,7 @@ def run_seed(seed, path, instrument):
             run = json.loads((Path(out) / "results.json").read_text())["runs"][0]
     finally:
         instrument.remove()
-        Learner.fused_step, Learner.cache_frozen = True, True
+        Learner.fused_step, Learner.cache_frozen, Learner.fused_batches = True, True, True
     if code != 0:
         raise RuntimeError(f"spacenet_np.train exited with {code}")
     return elapsed, run
@@ -170,20 +187,21 @@ def main(argv=None):
         run_seed(args.seed, path, Timers())
     rows, accuracy = {path: defaultdict(list) for path in paths}, {}
     for r in range(args.rounds):
-        for path in paths[r % 3:] + paths[:r % 3]:  # each path first in turn
+        for path in paths[r % len(paths):] + paths[:r % len(paths)]:  # each path first in turn
             timers = Timers()
             elapsed, run = run_seed(args.seed, path, timers)
-            batches = timers.calls["train_step"]
+            batches = timers.batches
             rows[path]["main_s"].append(elapsed)
             rows[path]["seed_s"].append(run["wall_time_s"])
             rows[path]["batch_ms"].append(1e3 * timers.seconds["train_epoch"] / batches)
-            rows[path]["step_ms"].append(1e3 * timers.seconds["train_step"] / batches)
+            rows[path]["step_ms"].append(1e3 * (timers.seconds["train_step"] + timers.seconds["train_batches"])
+                                         / batches)
             accuracy[path] = run["final_average_accuracy"]
     say(f"split MNIST seed {args.seed}, {batches} batches, {args.rounds} rounds each (median, min; x: time / "
         "the fused path's)")
     say(f"{'':26s}" + "".join(f"{path:>36s}" for path in paths))
     for key, label in (("main_s", "CLI main (s)"), ("seed_s", "seed wall_time_s (s)"),
-                       ("batch_ms", "training loop / batch (ms)"), ("step_ms", "train_step / batch (ms)")):
+                       ("batch_ms", "training loop / batch (ms)"), ("step_ms", "step kernel call / batch (ms)")):
         fused = statistics.median(rows["fused"][key])
         cells = [f"{statistics.median(rows[p][key]):9.3f} ({min(rows[p][key]):6.3f}) "
                  f"{statistics.median(rows[p][key]) / fused:5.2f}x" for p in paths]

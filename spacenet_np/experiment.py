@@ -265,7 +265,9 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
 
     ``checkpoint_path``: save the learner there after every task, and resume from it when it exists (it must
     belong to this spec). ``progress``: an object with ``start_epoch(task, epoch, n_images)``,
-    ``batch(loss, n_images)``, ``end_epoch()`` and ``line(text)`` (see ``train.Progress``). ``observers`` join
+    ``batch(loss, n_images)``, ``end_epoch()``, ``line(text)`` and ``shows_batches`` (False: it ignores the
+    batch calls, so none are made and an epoch's batches may run in one kernel call; see ``train.Progress``).
+    ``observers`` join
     the learner's observers; ``on_task(learner, record_so_far)`` runs after each task's checkpoint.
     """
     spec = check_spec(spec)
@@ -305,17 +307,16 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
 
 
 def learn_task(learner, task, progress, batch_size):
-    """``learner.learn`` on one task, reporting batches to ``progress``."""
+    """``learner.learn`` on one task, reporting batches to ``progress`` if it shows them."""
     def on_batch(epoch, batch, n_batches, loss):  # n_batches: of what the method trains on (replay included)
-        if progress is None:
-            return
         if batch == 0:
             progress.end_epoch()
             progress.start_epoch(task.index, epoch, learner.epoch_size)
         progress.batch(loss, min(batch_size, learner.epoch_size - batch * batch_size))
 
     try:
-        learner.learn(task.x_train, task.y_train, task.classes, on_batch=on_batch)
+        learner.learn(task.x_train, task.y_train, task.classes,
+                      on_batch=on_batch if progress is not None and progress.shows_batches else None)
     finally:
         if progress is not None:
             progress.end_epoch()

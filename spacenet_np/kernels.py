@@ -449,6 +449,38 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
     return loss
 
 
+_transpose_lookup_serial = transpose_lookup[0]
+
+
+@numba.njit(**_EXACT)
+def mlp_train_batches(layers, activations, deltas, grads, images, order, lut, labels, batch_labels, masked, classes,
+                      lr, sum_exp, losses, record, loss_limit, batch_losses):
+    """``mlp_train_step`` on consecutive batches of ``order`` in one call: what ``Learner.train_epoch`` does per
+    batch, without a Python round trip per batch. Returns the number of batches trained.
+
+    Batch t is the samples ``order[t * batch:(t + 1) * batch]`` (batch = activations[0].shape[1]) for t below
+    batch_losses.shape[0]: gathered from images (n, n_features) uint8 through lut (256,) float32 into
+    activations[0] (``_transpose_lookup``), their labels (n,) into batch_labels (batch,), then one step with the
+    other arguments as ``mlp_train_step`` takes them (the batch's ids are its ``sample_ids``). batch_losses[t]
+    receives the loss; the batches stop after the first loss outside ``(-inf, loss_limit]``. Returns -1, training
+    nothing, if an id of ``order`` is outside ``[0, n)``.
+    """
+    batch = activations[0].shape[1]
+    if not ids_in_range(order[:batch_losses.shape[0] * batch], images.shape[0]):
+        return -1
+    for t in range(batch_losses.shape[0]):
+        ids = order[t * batch:(t + 1) * batch]
+        _transpose_lookup_serial(images, ids, lut, activations[0])
+        for b in range(batch):
+            batch_labels[b] = labels[ids[b]]
+        loss = mlp_train_step(layers, activations, deltas, grads, batch_labels, masked, classes, lr, sum_exp, losses,
+                              ids, record)
+        batch_losses[t] = loss
+        if not -np.inf < loss <= loss_limit:
+            return t + 1
+    return batch_losses.shape[0]
+
+
 def fused_step_is_serial(layer_connections, trainable_connections, batch):
     """Whether every product of ``mlp_train_step`` on a batch is below ``PARALLEL_MIN_WORK``, which is where the
     per-layer path runs the serial builds too. ``layer_connections``, ``trainable_connections``: per layer."""

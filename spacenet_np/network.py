@@ -250,16 +250,57 @@ class SparseMLP(SparseNetwork):
         the frozen rows' deltas are then not meaningful (nothing uses them). Returns the loss (float). Once the
         buffers for this structure and batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
-        self.update_active_rows()
-        batch = x.shape[1]
-        activations, deltas = self.buffers(batch)
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x.shape[1], trainable, bias_masks,
+                                                                                  frozen)
         activations[0] = x
-        grads, sum_exp, losses = self.step_buffers(batch, trainable)
+        masked = classes is not None
+        loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), scratch[0], labels, masked,
+                                      classes if masked else _ALL_CLASSES, float(lr), scratch[1], scratch[2],
+                                      _NO_ROWS if frozen is None else sample_ids, record)
+        if record:
+            frozen.recorded += x.shape[1]
+        return float(loss)
+
+    def train_batches(self, images, order, lut, labels, x, lr, trainable, bias_masks, classes=None, frozen=None,
+                      loss_limit=np.inf):
+        """``train_step`` on the batches ``order[t * batch:(t + 1) * batch]`` (batch = x.shape[1]) in one kernel
+        call, ``kernels.mlp_train_batches``: each batch gathered from images (n, n_features) uint8 through lut
+        (256,) float32 (``input_lookup``) into x, labels (n,) integers. ``order`` (k * batch,) int64 holds whole
+        batches only; the other arguments as for ``train_step`` (x is the batch it would be given; ``frozen``
+        covers ``images``). Stops after the first batch whose loss is outside ``(-inf, loss_limit]``.
+        Returns the losses of the batches trained, (<= k,) float32.
+        """
+        batch = x.shape[1]
+        if order.shape[0] % batch or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"train_batches takes whole batches of {batch} and one label per image, got "
+                             f"{order.shape[0]} ids, {images.shape[0]} images and {labels.shape[0]} labels")
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(batch, trainable, bias_masks,
+                                                                                  frozen)
+        activations[0] = x
+        masked = classes is not None
+        batch_losses = np.empty(order.shape[0] // batch, np.float32)
+        trained = kernels.mlp_train_batches(layers, tuple(activations), tuple(deltas), scratch[0], images, order, lut,
+                                            labels, np.empty(batch, labels.dtype), masked,
+                                            classes if masked else _ALL_CLASSES, float(lr), scratch[1], scratch[2],
+                                            record, float(loss_limit), batch_losses)
+        if trained < 0:
+            raise IndexError(f"sample ids must be in [0, {images.shape[0]}), got {order.min()} to {order.max()}")
+        if record:
+            frozen.recorded += trained * batch
+        return batch_losses[:trained]
+
+    def _step_arguments(self, batch, trainable, bias_masks, frozen):
+        """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples: (its per-layer tuples, the
+        activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if it holds else None,
+        whether the step records frozen outputs)."""
+        self.update_active_rows()
+        activations, deltas = self.buffers(batch)
+        scratch = self.step_buffers(batch, trainable)
         if frozen is not None and not frozen.current(self, trainable, bias_masks):
             frozen = None
         n = len(self.layers)
         if frozen is None:
-            record, cached, values, sample_ids = False, [_NO_ROWS] * n, [_NO_VALUES] * n, _NO_ROWS
+            record, cached, values = False, [_NO_ROWS] * n, [_NO_VALUES] * n
         else:
             record, cached, values = frozen.recording, frozen.cached_rows, frozen.values
         copying = frozen is not None and not record
@@ -268,13 +309,7 @@ class SparseMLP(SparseNetwork):
                         layer.col_order, layer.importance, connections, mask, cached_rows, cached_values)
                        for layer, rows, connections, mask, cached_rows, cached_values
                        in zip(self.layers, compute, trainable, bias_masks, cached, values))
-        masked = classes is not None
-        loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), grads, labels, masked,
-                                      classes if masked else _ALL_CLASSES, float(lr), sum_exp, losses, sample_ids,
-                                      record)
-        if record:
-            frozen.recorded += batch
-        return float(loss)
+        return layers, activations, deltas, scratch, frozen, record
 
     def backward(self, activations, delta_out, step):
         """Backpropagate ``delta_out`` (n_classes, batch) from the top layer down.

@@ -24,7 +24,7 @@ import numpy as np
 
 from .frozen import FrozenOutputs
 from .layers import SparseLinear
-from .network import SparseMLP, SparseNetwork, softmax_cross_entropy, standardize_batch
+from .network import SparseMLP, SparseNetwork, input_lookup, softmax_cross_entropy, standardize_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +76,7 @@ class Learner:
     OPTIONS = ()  # declared constructor options (``options.Option``) beyond (model, config, seed, mean, std)
     fused_step = True  # False: never run train_step as one kernel call (tests and benchmarks compare the two)
     cache_frozen = True  # False: the fused step computes the frozen rows too (``FrozenOutputs``; tests compare)
+    fused_batches = True  # False: one fused step call per batch, never an epoch's batches in one call
 
     def __init__(self, model: SparseNetwork, config, seed=0, input_mean=0.0, input_std=1.0):
         config.validate(model, neuron_selection=self.uses_neuron_selection, switches=self.SWITCHES)
@@ -153,15 +154,18 @@ class Learner:
 
     def train_epoch(self, state, images, labels, epoch, on_batch=None):
         """One epoch of SGD over ``images`` (n, n_features) and ``labels`` (n,) in a random order, on
-        ``self.trainable``. Calls ``on_batch(epoch, batch_index, n_batches, loss)`` after each batch."""
+        ``self.trainable``. Calls ``on_batch(epoch, batch_index, n_batches, loss)`` after each batch; without it
+        the whole batches may run in one kernel call (``train_batches_fused``)."""
         batch_size = self.config.batch_size
         self.epoch_size = images.shape[0]
         order = self.rng.permutation(images.shape[0])
         n_batches = -(-order.size // batch_size)
         reuse_input = images.dtype == np.uint8 and not self._replaced("input_batch", "train_step")
-        frozen, limit = None, diverged_loss(self.model.n_classes)
-        for batch, start in enumerate(range(0, order.size, batch_size)):
-            ids = order[start:start + batch_size]
+        frozen, limit, done = None, diverged_loss(self.model.n_classes), 0
+        if reuse_input and on_batch is None:
+            done, frozen = self.train_batches_fused(state, images, labels, order, epoch, limit)
+        for batch in range(done, n_batches):
+            ids = order[batch * batch_size:(batch + 1) * batch_size]
             batch_labels = labels[ids]
             if not reuse_input:
                 loss = self.train_step(self.input_batch(images, ids), batch_labels)
@@ -171,10 +175,35 @@ class Learner:
                     frozen = self.frozen_outputs(images, x, batch_labels)
                 loss = self.train_step(x, batch_labels, None if frozen is None else (frozen, ids))
             if not -np.inf < loss <= limit:  # not finite (NaN compares False) or above the limit
-                raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
-                                       f"batch {batch}: lower the learning rate (lr={self.config.lr})")
+                raise self._diverged(state, epoch, batch, loss)
             if on_batch is not None:
                 on_batch(epoch, batch, n_batches, loss)
+
+    def train_batches_fused(self, state, images, labels, order, epoch, limit):
+        """The whole batches of an epoch (``order``'s first ``batch_size * k`` samples) in one
+        ``SparseMLP.train_batches`` call, where that is what ``train_epoch``'s loop computes: uint8 images,
+        scalar input statistics and ``fused_step_applies``. Returns (the batches trained, the epoch's
+        ``frozen_outputs``); (0, None) where it does not apply."""
+        batch_size = self.config.batch_size
+        whole = order.size // batch_size
+        if not self.fused_batches or whole == 0 or np.ndim(self.input_mean) != 0:
+            return 0, None
+        x = self._input_buffer(images.shape[1], batch_size)
+        first_labels = labels[order[:batch_size]]
+        if not self.fused_step_applies(x, first_labels):
+            return 0, None
+        frozen = self.frozen_outputs(images, x, first_labels)
+        losses = self.model.train_batches(images, order[:whole * batch_size],
+                                          input_lookup(float(self.input_mean), float(self.input_std)), labels, x,
+                                          self.config.lr, self.trainable, self.bias_trainable, self.loss_classes,
+                                          frozen, limit)
+        if losses.size < whole or not -np.inf < losses[-1] <= limit:
+            raise self._diverged(state, epoch, losses.size - 1, float(losses[-1]))
+        return whole, frozen
+
+    def _diverged(self, state, epoch, batch, loss):
+        return TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, batch {batch}: "
+                                f"lower the learning rate (lr={self.config.lr})")
 
     def input_batch(self, images, ids):
         """Standardized batch for samples ``ids``. Returns (n_features, batch) float32."""
@@ -185,12 +214,17 @@ class Learner:
     def _reused_input(self, images, ids):
         """``input_batch`` of uint8 ``images`` into an array reused by the next call: for ``train_epoch`` when only
         ``Learner.train_step`` sees the batch (neither method replaced), which keeps no reference to it."""
-        key, buffers = (images.shape[1], ids.shape[0]), vars(self).setdefault("_input_buffers", {})
+        return standardize_batch(images, ids, self.input_mean, self.input_std,
+                                 self._input_buffer(images.shape[1], ids.shape[0]))
+
+    def _input_buffer(self, n_features, batch):
+        """The (n_features, batch) float32 array that ``_reused_input`` writes batches of this shape into."""
+        key, buffers = (n_features, batch), vars(self).setdefault("_input_buffers", {})
         if key not in buffers:
             if len(buffers) > 2:
                 buffers.clear()
             buffers[key] = np.empty(key, np.float32)
-        return standardize_batch(images, ids, self.input_mean, self.input_std, buffers[key])
+        return buffers[key]
 
     def frozen_outputs(self, images, x, labels):
         """The ``FrozenOutputs`` of the training set ``images`` for the epoch that starts with the batch ``x``,

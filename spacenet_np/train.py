@@ -199,6 +199,10 @@ class Progress:
         self.quiet, self.n_tasks, self.epochs = quiet, n_tasks, epochs
         self.bar = None
 
+    @property
+    def shows_batches(self):
+        return not self.quiet
+
     def start_epoch(self, task, epoch, n_images):
         if self.quiet:
             return

@@ -259,4 +259,5 @@ def interrupt_after(monkeypatch, tasks, seed=None):
 
     monkeypatch.setattr(checkpoint, "save_learner", counting_save)
     monkeypatch.setattr(train.Progress, "batch", interrupting_batch)
+    monkeypatch.setattr(train.Progress, "shows_batches", True)  # quiet runs too: batches are reported
     return lambda: monkeypatch.setattr(train.Progress, "batch", original_batch)

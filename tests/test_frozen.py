@@ -64,13 +64,20 @@ def test_frozen_rows_are_the_definition_and_a_function_of_the_sample(p):
 @pytest.fixture
 def observed(monkeypatch):
     """Record on each learner how many rows its FrozenOutputs kept and how many steps copied them."""
-    steps = SparseMLP.train_step
+    steps, batches = SparseMLP.train_step, SparseMLP.train_batches
 
     def counting(self, *args):
         frozen = args[6] if len(args) > 6 else None
         if frozen is not None and not frozen.recording:
             counting.copies += 1
         return steps(self, *args)
+
+    def counting_batches(self, *args):
+        frozen = args[9] if len(args) > 9 else None
+        copying = frozen is not None and not frozen.recording
+        losses = batches(self, *args)
+        counting.copies += losses.size if copying else 0
+        return losses
 
     counting.copies = 0
     made = FrozenOutputs.__init__
@@ -81,6 +88,7 @@ def observed(monkeypatch):
 
     init.rows = []
     monkeypatch.setattr(SparseMLP, "train_step", counting)
+    monkeypatch.setattr(SparseMLP, "train_batches", counting_batches)
     monkeypatch.setattr(FrozenOutputs, "__init__", init)
     return counting, init
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from spacenet_np import kernels, strategy
 from spacenet_np.methods import METHODS
-from spacenet_np.network import SparseCNN, SparseMLP, softmax_cross_entropy
+from spacenet_np.network import SparseCNN, SparseMLP, input_lookup, softmax_cross_entropy
 from spacenet_np.spacenet import SpaceNet, SpaceNetConfig
 from spacenet_np.strategy import Learner
 
@@ -294,14 +294,21 @@ def one_task(learner):
 
 
 def fused_calls(monkeypatch):
+    """A list that gets one entry per batch trained by the fused kernels (``train_step`` or ``train_batches``)."""
     calls = []
-    step = SparseMLP.train_step
+    step, batches = SparseMLP.train_step, SparseMLP.train_batches
 
     def counted(self, *args):
         calls.append(1)
         return step(self, *args)
 
+    def counted_batches(self, *args):
+        losses = batches(self, *args)
+        calls.extend([1] * losses.size)
+        return losses
+
     monkeypatch.setattr(SparseMLP, "train_step", counted)
+    monkeypatch.setattr(SparseMLP, "train_batches", counted_batches)
     return calls
 
 
@@ -408,3 +415,114 @@ def test_a_fused_step_allocates_nothing():
         finally:
             tracemalloc.stop()
     assert peaks[0] == peaks[1] and peaks[0] < 4096, peaks
+
+
+# ----- an epoch's whole batches in one call (SparseMLP.train_batches) -----
+def learn_batched(batched, tasks, **overrides):
+    """Four tasks on a network whose later tasks read frozen rows; with ``batched`` the epochs' whole batches run
+    in one ``train_batches`` call each, else one ``train_step`` call per batch."""
+    values = dict(connections_per_task=(80, 40, 12), epochs=3)
+    values.update(overrides)
+    learner = small_learner(model=SparseMLP(16, [40, 30], 8), **values)
+    learner.fused_batches = batched
+    for images, labels, classes in tasks:
+        learner.learn(images, labels, classes)
+    return learner
+
+
+@pytest.mark.parametrize("overrides", [{}, {"softmax_scope": "seen", "bias_scope": "selected", "batch_size": 7},
+                                       {"batch_size": 25}])
+def test_batches_in_one_call_give_the_bits_of_one_call_per_batch(monkeypatch, overrides):
+    """Frozen rows recorded and copied, a last partial batch (50 samples per task: 16 x 3 + 2, 7 x 7 + 1) or none
+    (25 x 2): weights, Omega and biases agree bit for bit."""
+    calls = []
+    batches = SparseMLP.train_batches
+
+    def observed(self, *args):
+        frozen = args[9]
+        calls.append((frozen is not None and not frozen.recording, args[1].size))
+        return batches(self, *args)
+
+    monkeypatch.setattr(SparseMLP, "train_batches", observed)
+    tasks = pair_tasks(8, 16, 25, seed=4, spread=30.0)
+    batched = learn_batched(True, tasks, **overrides)
+    batch_size = batched.config.batch_size
+    assert len(calls) == 4 * 3 and all(size == 50 // batch_size * batch_size for _, size in calls)
+    assert any(copying for copying, _ in calls), "the test must exercise copied frozen rows"
+    calls.clear()
+    per_batch = learn_batched(False, tasks, **overrides)
+    assert not calls
+    for a, b in zip(state(batched.model), state(per_batch.model)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_a_diverging_loss_stops_both_ways_at_the_same_batch():
+    messages = []
+    for batched in (True, False):
+        learner = small_learner(lr=1e4)
+        learner.fused_batches = batched
+        with pytest.raises(strategy.TrainingDiverged) as caught:
+            one_task(learner)
+        messages.append(str(caught.value))
+        assert learner.model.layers[0].nnz == 0, "the failed task left the network as it was"
+    assert messages[0] == messages[1] and "epoch 0, batch" in messages[0]
+
+
+def test_a_batch_callback_gets_one_fused_step_per_batch(monkeypatch):
+    calls = fused_calls(monkeypatch)
+    whole = []
+    batches = SparseMLP.train_batches
+    monkeypatch.setattr(SparseMLP, "train_batches", lambda self, *args: whole.append(1) or batches(self, *args))
+    learner, reported = small_learner(), []
+    images, labels = make_blobs(6, 16, 20, seed=2, spread=40.0)
+    learner.learn(*task_split(images, labels, [0, 1]), [0, 1], on_batch=lambda *args: reported.append(args[:3]))
+    assert reported == [(epoch, batch, 3) for epoch in range(2) for batch in range(3)]
+    assert len(calls) == 6 and not whole
+
+
+def trained_learner_and_batch(width=30, batch=16):
+    learner = small_learner(model=SparseMLP(16, [width, width], 6), batch_size=batch)
+    one_task(learner)
+    learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
+    learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
+    images, labels = make_blobs(6, 16, 40, seed=2, spread=40.0)
+    return learner, images, labels % 6
+
+
+def train_batches(learner, images, labels, order):
+    x = learner._input_buffer(images.shape[1], learner.config.batch_size)
+    return learner.model.train_batches(images, order, input_lookup(0.0, 1.0), labels, x, learner.config.lr,
+                                       learner.trainable, learner.bias_trainable)
+
+
+def test_train_batches_refuses_ids_it_cannot_train_on_by_name():
+    learner, images, labels = trained_learner_and_batch()
+    before = state(learner.model)
+    with pytest.raises(ValueError, match="whole batches of 16"):
+        train_batches(learner, images, labels, np.arange(20))
+    with pytest.raises(ValueError, match="one label per image"):
+        train_batches(learner, images, labels[:-1], np.arange(16))
+    order = np.arange(32)
+    order[20] = images.shape[0]
+    with pytest.raises(IndexError, match=f"sample ids must be in \\[0, {images.shape[0]}\\)"):
+        train_batches(learner, images, labels, order)
+    for a, b in zip(before, state(learner.model)):
+        assert np.array_equal(a, b), "nothing was trained"
+    assert train_batches(learner, images, labels, np.arange(32)).shape == (2,)
+
+
+def test_batches_in_one_call_allocate_nothing_per_batch():
+    """What tracemalloc sees is the call's few small arrays (losses, labels) and Python objects, under 8 KB for
+    2 or 14 batches of a 3000-wide network (one activation array would be 3 MB)."""
+    peaks = []
+    for n_batches in (2, 14):
+        learner, images, labels = trained_learner_and_batch(width=3000, batch=16)
+        order = np.arange(n_batches * 16) % images.shape[0]
+        train_batches(learner, images, labels, order)
+        tracemalloc.start()
+        try:
+            train_batches(learner, images, labels, order)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert max(peaks) < 8192, peaks
