@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -179,12 +180,23 @@ def _load_stream(task, data_dir, options_json):
 
 def fingerprint(spec):
     """The sha256 of ``spec``'s stream (``streams.stream_fingerprint``), computed once per process."""
+    return fingerprint_soon(spec).result()
+
+
+def fingerprint_soon(spec):
+    """``fingerprint(spec)`` as a future, computed in a thread: hashing releases the GIL, so a run trains while
+    the first checkpoint's fingerprint is computed."""
     return _fingerprint(spec["task"], spec["data_dir"], json.dumps(spec["stream_options"], sort_keys=True))
 
 
 @functools.lru_cache(maxsize=2)
 def _fingerprint(task, data_dir, options_json):
-    return stream_fingerprint(_load_stream(task, data_dir, options_json))
+    return _hashing_thread().submit(stream_fingerprint, _load_stream(task, data_dir, options_json))
+
+
+@functools.lru_cache(maxsize=1)
+def _hashing_thread():
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="spacenet-fingerprint")
 
 
 def build_model(spec, stream):
@@ -278,6 +290,8 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
         test_matrix, val_matrix, time_before = (saved["accuracy_matrix"], saved["val_accuracy_matrix"],
                                                 saved["wall_time_s"])
     else:
+        if checkpoint_path is not None:
+            fingerprint_soon(spec)
         learner, test_matrix, val_matrix, time_before = new_learner(spec, stream, model, config), [], [], 0.0
     learner.observers.extend(observers)
 

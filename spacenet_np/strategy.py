@@ -155,7 +155,7 @@ class Learner:
     def train_epoch(self, state, images, labels, epoch, on_batch=None):
         """One epoch of SGD over ``images`` (n, n_features) and ``labels`` (n,) in a random order, on
         ``self.trainable``. Calls ``on_batch(epoch, batch_index, n_batches, loss)`` after each batch; without it
-        the whole batches may run in one kernel call (``train_batches_fused``)."""
+        the batches may run in one or two kernel calls (``train_batches_fused``)."""
         batch_size = self.config.batch_size
         self.epoch_size = images.shape[0]
         order = self.rng.permutation(images.shape[0])
@@ -180,26 +180,31 @@ class Learner:
                 on_batch(epoch, batch, n_batches, loss)
 
     def train_batches_fused(self, state, images, labels, order, epoch, limit):
-        """The whole batches of an epoch (``order``'s first ``batch_size * k`` samples) in one
-        ``SparseMLP.train_batches`` call, where that is what ``train_epoch``'s loop computes: uint8 images,
-        scalar input statistics and ``fused_step_applies``. Returns (the batches trained, the epoch's
-        ``frozen_outputs``); (0, None) where it does not apply."""
+        """An epoch's batches in ``SparseMLP.train_batches`` calls (the whole batches in one, a last partial batch in
+        another), where that is what ``train_epoch``'s loop computes: uint8 images, scalar input statistics and
+        ``fused_step_applies``. Returns (the batches trained, the epoch's ``frozen_outputs``); (0, None) where it
+        does not apply."""
         batch_size = self.config.batch_size
-        whole = order.size // batch_size
-        if not self.fused_batches or whole == 0 or np.ndim(self.input_mean) != 0:
+        if not self.fused_batches or np.ndim(self.input_mean) != 0 or order.size == 0:
             return 0, None
-        x = self._input_buffer(images.shape[1], batch_size)
-        first_labels = labels[order[:batch_size]]
-        if not self.fused_step_applies(x, first_labels):
+        whole = order.size // batch_size * batch_size
+        parts = [(size, ids) for size, ids in ((batch_size, order[:whole]), (order.size - whole, order[whole:]))
+                 if size]
+        x = self._input_buffer(images.shape[1], parts[0][0])
+        first_labels = labels[order[:x.shape[1]]]
+        if not self.fused_step_applies(x, first_labels):  # a smaller last batch is then fused too
             return 0, None
         frozen = self.frozen_outputs(images, x, first_labels)
-        losses = self.model.train_batches(images, order[:whole * batch_size],
-                                          input_lookup(float(self.input_mean), float(self.input_std)), labels, x,
-                                          self.config.lr, self.trainable, self.bias_trainable, self.loss_classes,
-                                          frozen, limit)
-        if losses.size < whole or not -np.inf < losses[-1] <= limit:
-            raise self._diverged(state, epoch, losses.size - 1, float(losses[-1]))
-        return whole, frozen
+        lut = input_lookup(float(self.input_mean), float(self.input_std))
+        done = 0
+        for size, ids in parts:
+            losses = self.model.train_batches(images, ids, lut, labels, self._input_buffer(images.shape[1], size),
+                                              self.config.lr, self.trainable, self.bias_trainable, self.loss_classes,
+                                              frozen, limit)
+            done += losses.size
+            if losses.size < ids.size // size or not -np.inf < losses[-1] <= limit:
+                raise self._diverged(state, epoch, done - 1, float(losses[-1]))
+        return done, frozen
 
     def _diverged(self, state, epoch, batch, loss):
         return TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, batch {batch}: "

@@ -10,6 +10,7 @@ import pytest
 from helpers import interrupt_after, results_without_time, write_tiny_dataset
 
 from spacenet_np import checkpoint, train
+from spacenet_np.streams import get_stream, stream_fingerprint
 
 ARGS = ["--task", "split_mnist", "--hidden", "30", "30", "--connections", "300", "50", "20", "--selected", "10", "10",
         "--reserved", "4", "4", "--epochs", "2", "--batch-size", "16", "--seeds", "0", "1", "--quiet"]
@@ -62,3 +63,11 @@ def test_killed_process_resumes_to_identical_results(data_dir, tmp_path):
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert train.main(["--resume", str(tmp_path)]) == 2
     assert "run.json not found" in capsys.readouterr().err
+
+
+def test_checkpoints_hold_the_fingerprint_of_the_stream_they_trained_on(data_dir, tmp_path):
+    """The fingerprint is hashed in a thread while the first task trains (``experiment.fingerprint_soon``); what
+    the checkpoint records is the stream's own ``stream_fingerprint``."""
+    assert train.main(ARGS + ["--data-dir", str(data_dir), "--seeds", "0", "--out", str(tmp_path / "run")]) == 0
+    saved = checkpoint.load(tmp_path / "run" / "checkpoints" / "seed0.ckpt")
+    assert saved.progress["stream_fingerprint"] == stream_fingerprint(get_stream("split_mnist", data_dir))
