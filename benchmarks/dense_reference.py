@@ -43,6 +43,7 @@ import numpy as np
 
 from spacenet_np import metrics
 from spacenet_np.fileio import atomic_write_json
+from spacenet_np.process import run_main
 from spacenet_np.spacenet import SpaceNetConfig
 from spacenet_np.streams import STREAMS, get_stream
 
@@ -339,4 +340,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # as the spacenet_np CLIs run: the same process exit for both implementations

@@ -275,4 +275,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spacenet_np.process import run_main
+    run_main(main)  # as the spacenet_np CLIs run: the same process exit for both implementations

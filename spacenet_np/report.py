@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 
 from .fileio import atomic_write_bytes
 from .layers import FREE
+from .process import run_main
 from .recorder import Recorder, snapshot_seed
 
 METHOD_ORDER = ("joint", "finetune", "ewc", "rehearsal", "static", "spacenet")
@@ -732,4 +732,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -55,6 +55,7 @@ from .experiment import CONFIG_OPTIONS, SpecError, config_hash, identity
 from .fileio import WriteError, atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .options import Count, Option, format_value, method_options
+from .process import run_main
 from .runfolder import RunFolder, RunFolderError
 from .streams import STREAMS
 
@@ -859,4 +860,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -21,6 +21,7 @@ from .data import DataError
 from .fileio import WriteError, atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .options import method_options
+from .process import run_main
 from .recorder import Recorder, probe_set
 from .runfolder import RunFolder, RunFolderError
 from .strategy import TrainingDiverged
@@ -476,4 +477,4 @@ def raise_stopped(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -172,7 +172,7 @@ def consistent_but_wrong(npy, sidecar, converted):
     np.save(npy, converted(array))
     record = json.loads(sidecar.read_text())
     payload = npy.read_bytes()
-    record["array"].update(bytes=len(payload), blake2b=data.hashlib.blake2b(payload, digest_size=32).hexdigest())
+    record["array"].update(bytes=len(payload), sha256=data.hashlib.sha256(payload).hexdigest())
     sidecar.write_text(json.dumps(record))
 
 

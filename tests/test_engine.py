@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import write_tiny_dataset
 
-from spacenet_np import engine, experiment, train
+from spacenet_np import engine, experiment
 from spacenet_np.strategy import TrainingDiverged
 
 
@@ -132,20 +132,25 @@ def test_no_jobs_start_no_cluster():
 
 
 def test_kernels_compile_in_workers_with_a_cold_cache(tmp_path):
-    """The CLI's workers compile the kernels themselves (a new machine: empty Numba cache), parallel builds
-    included, and give the numbers of the sequential run. The CLI module imports Numba before Dask sets the
-    workers' environment (spawned workers import the main module first)."""
+    """The CLI's workers compile the kernels themselves (a new machine: empty Numba cache) and give the numbers of
+    the sequential run. Workers run one thread each, so they take the serial builds; the sequential run, on every
+    core, compiles the parallel ones. The CLI module imports Numba before Dask sets the workers' environment
+    (spawned workers import the main module first)."""
     write_tiny_dataset(tmp_path / "data", "mnist", n_train=1000, n_test=50)
-    # 70000 input connections x batch 128 is above kernels.PARALLEL_MIN_WORK: the parallel builds compile too
+    # 70000 input connections x batch 128 is above kernels.PARALLEL_MIN_WORK: the parallel builds run with threads
     args = ["--task", "split_mnist", "--data-dir", str(tmp_path / "data"), "--hidden", "2000", "20",
             "--connections", "70000", "30", "10", "--selected", "300", "8", "--reserved", "2", "2", "--epochs", "1",
             "--seeds", "0", "1", "--checkpoint-every", "none", "--quiet"]
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cold-cache"),
-           "PYTHONPATH": os.pathsep.join(sys.path)}
+    cache = tmp_path / "cold-cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
     parallel = subprocess.run([sys.executable, "-m", "spacenet_np.train", *args, "--out", str(tmp_path / "p"),
                                "--workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert parallel.returncode == 0, parallel.stderr
-    assert any((tmp_path / "cold-cache").rglob("*parallel*.nbi"))  # a parallel build was compiled
-    assert train.main(args + ["--out", str(tmp_path / "s")]) == 0
+    assert any(cache.rglob("*csr_forward*.nbi")) and not any(cache.rglob("*parallel*.nbi"))
+    env.pop("NUMBA_NUM_THREADS", None)
+    sequential = subprocess.run([sys.executable, "-m", "spacenet_np.train", *args, "--out", str(tmp_path / "s")],
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert sequential.returncode == 0, sequential.stderr
+    assert any(cache.rglob("*parallel*.nbi")) == (len(os.sched_getaffinity(0)) > 1)  # Numba's default threads
     runs = [json.loads((tmp_path / name / "results.json").read_text())["runs"] for name in ("p", "s")]
     assert [r["accuracy_matrix"] for r in runs[0]] == [r["accuracy_matrix"] for r in runs[1]]

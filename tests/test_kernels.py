@@ -372,16 +372,59 @@ def test_copy_cached_rows_both_ways(n, slots, batch, seed):
 
 
 # ----- pick and thread-count independence -----
-def test_pick_chooses_serial_below_threshold_and_parallel_above():
-    for pair in (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad,
-                 kernels.sgd_step_with_importance, kernels.transpose_lookup):
-        assert pair[0] is not pair[1]
-        assert kernels.pick(pair, 0) is pair[0]
-        assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK - 1) is pair[0]
-        assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK) is pair[1]
-        assert kernels.pick(pair, 100 * kernels.PARALLEL_MIN_WORK) is pair[1]
-        assert pair[0].targetoptions.get("parallel", False) is False
-        assert pair[1].targetoptions.get("parallel") is True
+PAIRS = (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad, kernels.sgd_step_with_importance,
+         kernels.transpose_lookup)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 Numba threads")
+def test_pick_chooses_serial_below_threshold_and_parallel_above_with_threads():
+    previous = numba.get_num_threads()
+    try:
+        for threads, above in ((2, 1), (1, 0)):
+            numba.set_num_threads(threads)
+            for pair in PAIRS:
+                assert pair[0] is not pair[1]
+                assert kernels.pick(pair, 0) is pair[0]
+                assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK - 1) is pair[0]
+                assert kernels.pick(pair, kernels.PARALLEL_MIN_WORK) is pair[above]
+                assert kernels.pick(pair, 100 * kernels.PARALLEL_MIN_WORK) is pair[above]
+                assert pair[0].targetoptions.get("parallel", False) is False
+                assert pair[1].targetoptions.get("parallel") is True
+    finally:
+        numba.set_num_threads(previous)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_out=st.integers(1, 300), n_in=st.integers(1, 300), batch=st.integers(1, 200),
+       density=st.floats(0.01, 0.6), seed=st.integers(0, 2**32 - 1))
+def test_serial_and_parallel_builds_give_the_same_bits(n_out, n_in, batch, density, seed):
+    """What lets ``pick`` choose a build by the thread count: both compute each output the same way."""
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density)
+    rows, col_ptr, col_order = csc_view(W)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    activation = relu_like_activation(rng, n_in, batch)
+    bias = rng.normal(size=n_out).astype(np.float32)
+    images = rng.integers(0, 256, size=(batch + 3, n_in), dtype=np.uint8)
+    lut = rng.normal(size=256).astype(np.float32)
+    ids = rng.permutation(batch + 3)[:batch]
+    results = []
+    for build in (0, 1):
+        fwd = np.empty((n_out, batch), np.float32)
+        kernels.csr_forward[build](np.arange(n_out, dtype=np.int64), W.indptr, W.indices, W.data, bias, x, fwd, True)
+        back = np.empty((n_in, batch), np.float32)
+        kernels.csc_backward_input[build](col_ptr, col_order, rows, W.data, delta, activation, back)
+        grad = np.empty(W.nnz, np.float32)
+        kernels.sampled_weight_grad[build](np.arange(W.nnz, dtype=np.int64), rows, W.indices, delta, x, grad)
+        weights, importance = W.data.copy(), np.zeros(W.nnz, np.float32)
+        kernels.sgd_step_with_importance[build](np.arange(W.nnz, dtype=np.int64), grad, np.float32(0.1), weights,
+                                                importance)
+        standardized = np.empty((n_in, batch), np.float32)
+        kernels.transpose_lookup[build](images, ids, lut, standardized)
+        results.append((fwd, back, grad, weights, importance, standardized))
+    for a, b in zip(*results):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 Numba threads")
