@@ -282,7 +282,7 @@ def markdown(results, growth, hidden, compare):
         "",
         md_table(["kernel", "ms / batch", "share of batch"],
                  [[k, f"{v:.4f}", f"{100 * v / base['per_batch_ms']:.1f} %"]
-                  for k, v in base["per_batch_kernel_ms_by_kernel"].items()]),
+                  for k, v in base["per_batch_kernel_ms_by_kernel"].items() if v > 0]),
         "",
         f"Of the {base['per_batch_ms']:.3f} ms per batch, the calls of `SparseMLP.train_batches` and `train_step` "
         f"(the fused steps, the input gather included) take {base['step_ms']:.3f} ms.",

@@ -279,8 +279,8 @@ def run(spec, checkpoint_path=None, progress=None, observers=(), on_task=None):
     belong to this spec). ``progress``: an object with ``start_epoch(task, epoch, n_images)``,
     ``batch(loss, n_images)``, ``end_epoch()``, ``line(text)`` and ``shows_batches`` (False: it ignores the
     batch calls, so none are made and an epoch's batches may run in one kernel call; see ``train.Progress``).
-    ``observers`` join
-    the learner's observers; ``on_task(learner, record_so_far)`` runs after each task's checkpoint.
+    ``observers`` join the learner's observers; ``on_task(learner, record_so_far)`` runs after each task's
+    checkpoint.
     """
     spec = check_spec(spec)
     stream, val_tasks, split, model, config = prepare(spec)
