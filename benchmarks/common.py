@@ -231,6 +231,12 @@ def time_interleaved(fns, warmup=1, min_rounds=5, max_rounds=200, min_total_s=0.
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": len(t)} for name, t in times.items()}
 
 
+def batches_trained(method_name, result):
+    """The batches a call of ``SparseMLP.<method_name>`` trained: one per ``train_step``, the losses that
+    ``train_batches`` returns; 0 for any other method."""
+    return 1 if method_name == "train_step" else len(result) if method_name == "train_batches" else 0
+
+
 # ----- child processes -----
 def kernel_pairs(module):
     """{name: (serial, parallel)} of every kernel pair in ``module`` (``spacenet_np.kernels``): the attributes that

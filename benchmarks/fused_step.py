@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_info, reproduce_command, write_results
+from benchmarks.common import batches_trained, machine_info, reproduce_command, write_results
 from spacenet_np import kernels, train
 from spacenet_np.network import SparseMLP
 from spacenet_np.strategy import Learner
@@ -67,7 +67,7 @@ class Timers:
             start = time.perf_counter()
             try:
                 result = method(*args, **kwargs)
-                timers.batches += 1 if name == "train_step" else len(result) if name == "train_batches" else 0
+                timers.batches += batches_trained(name, result)
                 return result
             finally:
                 timers.seconds[name] += time.perf_counter() - start

@@ -42,7 +42,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, kernel_pairs, machine_info, md_table, reproduce_command, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    batches_trained,
+    kernel_pairs,
+    machine_info,
+    md_table,
+    reproduce_command,
+    write_results,
+)
 from spacenet_np import experiment, kernels, train
 from spacenet_np.network import SparseMLP
 from spacenet_np.spacenet import SpaceNet
@@ -96,8 +104,7 @@ class Instrument:
             start = time.perf_counter()
             try:
                 result = method(*args, **kwargs)
-                if method_name in ("train_step", "train_batches"):  # SparseMLP's: count the batches trained
-                    instrument.batches += 1 if method_name == "train_step" else len(result)
+                instrument.batches += batches_trained(method_name, result)  # SparseMLP's steps count
                 return result
             finally:
                 instrument.phase_s[method_name] += time.perf_counter() - start

@@ -174,8 +174,7 @@ class Learner:
                 if batch == 0:
                     frozen = self.frozen_outputs(images, x, batch_labels)
                 loss = self.train_step(x, batch_labels, None if frozen is None else (frozen, ids))
-            if not -np.inf < loss <= limit:  # not finite (NaN compares False) or above the limit
-                raise self._diverged(state, epoch, batch, loss)
+            self._check_loss(state, epoch, batch, loss, limit)
             if on_batch is not None:
                 on_batch(epoch, batch, n_batches, loss)
 
@@ -202,13 +201,14 @@ class Learner:
                                               self.config.lr, self.trainable, self.bias_trainable, self.loss_classes,
                                               frozen, limit)
             done += losses.size
-            if losses.size < ids.size // size or not -np.inf < losses[-1] <= limit:
-                raise self._diverged(state, epoch, done - 1, float(losses[-1]))
+            self._check_loss(state, epoch, done - 1, float(losses[-1]), limit)  # the calls stop at a bad loss
         return done, frozen
 
-    def _diverged(self, state, epoch, batch, loss):
-        return TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, batch {batch}: "
-                                f"lower the learning rate (lr={self.config.lr})")
+    def _check_loss(self, state, epoch, batch, loss, limit):
+        """TrainingDiverged unless ``loss`` is finite and at most ``limit`` (NaN compares False)."""
+        if not -np.inf < loss <= limit:
+            raise TrainingDiverged(f"the training loss became {loss} in task {state.task}, epoch {epoch}, "
+                                   f"batch {batch}: lower the learning rate (lr={self.config.lr})")
 
     def input_batch(self, images, ids):
         """Standardized batch for samples ``ids``. Returns (n_features, batch) float32."""

@@ -293,6 +293,12 @@ def one_task(learner):
     return learner.input_batch(images, np.arange(8)), labels[:8]
 
 
+def train_everything(learner):
+    """Every connection and bias of the learner's network trainable."""
+    learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
+    learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
+
+
 def fused_calls(monkeypatch):
     """A list that gets one entry per batch trained by the fused kernels (``train_step`` or ``train_batches``)."""
     calls = []
@@ -318,8 +324,7 @@ def test_plain_methods_train_fused(monkeypatch, name):
     learner = small_learner(name)
     x, labels = one_task(learner)
     assert len(calls) == 2 * -(-40 // 16), "every batch of the task ran fused"
-    learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
-    learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
+    train_everything(learner)
     assert learner.fused_step_applies(x, labels)
 
 
@@ -331,8 +336,7 @@ def test_methods_and_inputs_that_are_not_plain_keep_the_per_layer_path(monkeypat
     learner = small_learner()
     x, labels = one_task(learner)
     calls.clear()
-    learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
-    learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
+    train_everything(learner)
     assert learner.fused_step_applies(x, labels)
     assert not learner.fused_step_applies(x.astype(np.float64), labels)
     assert not learner.fused_step_applies(np.asfortranarray(x), labels)
@@ -395,15 +399,11 @@ def test_spacenet_run_matches_the_per_layer_path():
 def test_a_fused_step_allocates_nothing():
     """After a first step has made the buffers, a step (input included) allocates no array: what tracemalloc sees
     is Python objects (the argument tuples, Numba's dispatch), under 4 KB and the same for any batch or width."""
-    images, labels = make_blobs(6, 16, 40, seed=2, spread=40.0)
     peaks = []
     for width, batch in ((30, 16), (3000, 256)):
-        learner = small_learner(model=SparseMLP(16, [width, width], 6), batch_size=batch)
-        one_task(learner)
+        learner, images, labels = trained_learner_and_batch(width, batch)
         ids = np.arange(batch) % labels.size
-        learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
-        learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
-        y = labels[ids] % 6
+        y = labels[ids]
         x = learner._reused_input(images, ids)
         assert learner.fused_step_applies(x, y)
         learner.train_step(x, y)
@@ -485,8 +485,7 @@ def test_a_batch_callback_gets_one_fused_step_per_batch(monkeypatch):
 def trained_learner_and_batch(width=30, batch=16):
     learner = small_learner(model=SparseMLP(16, [width, width], 6), batch_size=batch)
     one_task(learner)
-    learner.trainable = [np.arange(layer.nnz) for layer in learner.model.layers]
-    learner.bias_trainable = [np.ones(layer.bias.shape, np.float32) for layer in learner.model.layers]
+    train_everything(learner)
     images, labels = make_blobs(6, 16, 40, seed=2, spread=40.0)
     return learner, images, labels % 6
 

@@ -1,4 +1,6 @@
 """The Numba kernels, serial and parallel builds, against dense NumPy references on random sparse matrices."""
+from types import SimpleNamespace
+
 import numba
 import numpy as np
 import pytest
@@ -394,31 +396,45 @@ def test_pick_chooses_serial_below_threshold_and_parallel_above_with_threads():
         numba.set_num_threads(previous)
 
 
+def sparse_problem(rng, n_out, n_in, batch, density):
+    """A random layer with its CSC view, an input, a delta, a ReLU activation and biases."""
+    W = random_csr(rng, n_out, n_in, density)
+    rows, col_ptr, col_order = csc_view(W)
+    return SimpleNamespace(W=W, rows=rows, col_ptr=col_ptr, col_order=col_order,
+                           x=rng.normal(size=(n_in, batch)).astype(np.float32),
+                           delta=rng.normal(size=(n_out, batch)).astype(np.float32),
+                           activation=relu_like_activation(rng, n_in, batch),
+                           bias=rng.normal(size=n_out).astype(np.float32))
+
+
+def sparse_products(build, p):
+    """The forward pass, input gradient and weight gradient of ``p`` with the serial (0) or parallel (1) build."""
+    W, (n_in, batch) = p.W, p.x.shape
+    fwd = np.empty((W.shape[0], batch), np.float32)
+    kernels.csr_forward[build](np.arange(W.shape[0], dtype=np.int64), W.indptr, W.indices, W.data, p.bias, p.x, fwd,
+                               True)
+    back = np.empty((n_in, batch), np.float32)
+    kernels.csc_backward_input[build](p.col_ptr, p.col_order, p.rows, W.data, p.delta, p.activation, back)
+    grad = np.empty(W.nnz, np.float32)
+    kernels.sampled_weight_grad[build](np.arange(W.nnz, dtype=np.int64), p.rows, W.indices, p.delta, p.x, grad)
+    return fwd, back, grad
+
+
 @settings(max_examples=25, deadline=None)
 @given(n_out=st.integers(1, 300), n_in=st.integers(1, 300), batch=st.integers(1, 200),
        density=st.floats(0.01, 0.6), seed=st.integers(0, 2**32 - 1))
 def test_serial_and_parallel_builds_give_the_same_bits(n_out, n_in, batch, density, seed):
     """What lets ``pick`` choose a build by the thread count: both compute each output the same way."""
     rng = np.random.default_rng(seed)
-    W = random_csr(rng, n_out, n_in, density)
-    rows, col_ptr, col_order = csc_view(W)
-    x = rng.normal(size=(n_in, batch)).astype(np.float32)
-    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
-    activation = relu_like_activation(rng, n_in, batch)
-    bias = rng.normal(size=n_out).astype(np.float32)
+    p = sparse_problem(rng, n_out, n_in, batch, density)
     images = rng.integers(0, 256, size=(batch + 3, n_in), dtype=np.uint8)
     lut = rng.normal(size=256).astype(np.float32)
     ids = rng.permutation(batch + 3)[:batch]
     results = []
     for build in (0, 1):
-        fwd = np.empty((n_out, batch), np.float32)
-        kernels.csr_forward[build](np.arange(n_out, dtype=np.int64), W.indptr, W.indices, W.data, bias, x, fwd, True)
-        back = np.empty((n_in, batch), np.float32)
-        kernels.csc_backward_input[build](col_ptr, col_order, rows, W.data, delta, activation, back)
-        grad = np.empty(W.nnz, np.float32)
-        kernels.sampled_weight_grad[build](np.arange(W.nnz, dtype=np.int64), rows, W.indices, delta, x, grad)
-        weights, importance = W.data.copy(), np.zeros(W.nnz, np.float32)
-        kernels.sgd_step_with_importance[build](np.arange(W.nnz, dtype=np.int64), grad, np.float32(0.1), weights,
+        fwd, back, grad = sparse_products(build, p)
+        weights, importance = p.W.data.copy(), np.zeros(p.W.nnz, np.float32)
+        kernels.sgd_step_with_importance[build](np.arange(p.W.nnz, dtype=np.int64), grad, np.float32(0.1), weights,
                                                 importance)
         standardized = np.empty((n_in, batch), np.float32)
         kernels.transpose_lookup[build](images, ids, lut, standardized)
@@ -430,31 +446,13 @@ def test_serial_and_parallel_builds_give_the_same_bits(n_out, n_in, batch, densi
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 Numba threads")
 def test_parallel_results_do_not_depend_on_thread_count():
     """The module promises thread-count independent results: compare 1 thread against all threads, bitwise."""
-    rng = np.random.default_rng(5)
-    W = random_csr(rng, 300, 200, 0.1)
-    rows, col_ptr, col_order = csc_view(W)
-    x = rng.normal(size=(200, 64)).astype(np.float32)
-    delta = rng.normal(size=(300, 64)).astype(np.float32)
-    activation = relu_like_activation(rng, 200, 64)
-    bias = rng.normal(size=300).astype(np.float32)
-    connections = np.arange(W.nnz, dtype=np.int64)
-
-    def run():
-        fwd = np.empty((300, 64), np.float32)
-        all_rows = np.arange(300, dtype=np.int64)
-        kernels.csr_forward[1](all_rows, W.indptr, W.indices, W.data, bias, x, fwd, True)
-        back = np.empty((200, 64), np.float32)
-        kernels.csc_backward_input[1](col_ptr, col_order, rows, W.data, delta, activation, back)
-        grad = np.empty(W.nnz, np.float32)
-        kernels.sampled_weight_grad[1](connections, rows, W.indices, delta, x, grad)
-        return fwd, back, grad
-
+    p = sparse_problem(np.random.default_rng(5), 300, 200, 64, 0.1)
     previous = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = run()
+        one = sparse_products(1, p)
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = run()
+        many = sparse_products(1, p)
     finally:
         numba.set_num_threads(previous)
     for a, b in zip(one, many):
