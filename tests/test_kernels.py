@@ -251,6 +251,43 @@ def test_sampled_weight_grad_on_unsorted_connections_with_repeated_rows(build, p
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
 
 
+# ----- weight_grad_by_input (the fused epoch call's dL/dW) -----
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 200)), density=densities,
+       fraction=st.floats(0.0, 1.0), seed=seeds)
+def test_weight_grad_by_input_is_the_sampled_weight_grad_bit_for_bit(shape, density, fraction, seed):
+    """Against float64 NumPy, and the same bits as ``sampled_weight_grad`` (the fused epoch call relies on it)."""
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    W = random_csr(rng, n_out, n_in, density)
+    rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
+    connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    x = rng.normal(size=(n_in, batch)).astype(np.float32)
+    group_ptr, group_order = kernels.group_positions(connections, W.indices, n_in)
+    grad = np.full(connections.size, np.nan, dtype=np.float32)
+
+    kernels.weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, grad)
+
+    expected = sampled_grad_reference(connections, rows, W.indices, delta, x)
+    scale = (np.abs(delta) @ np.abs(x).T)[rows[connections], W.indices[connections]]
+    assert np.all(np.abs(grad - expected) <= RTOL * scale + ATOL)
+    by_row = np.full(connections.size, np.nan, dtype=np.float32)
+    kernels.sampled_weight_grad[0](connections, rows, W.indices, delta, x, by_row)
+    assert np.array_equal(grad.view(np.uint32), by_row.view(np.uint32))
+
+
+@SETTINGS
+@given(nnz=st.integers(0, 300), n_in=st.integers(1, 40), seed=seeds)
+def test_group_positions_groups_positions_by_input_stably(nnz, n_in, seed):
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n_in, size=nnz).astype(np.int32)
+    connections = rng.permutation(nnz)[:rng.integers(0, nnz + 1)].astype(np.int64)
+    group_ptr, group_order = kernels.group_positions(connections, indices, n_in)
+    np.testing.assert_array_equal(group_order, np.argsort(indices[connections], kind="stable"))
+    np.testing.assert_array_equal(group_ptr, np.r_[0, np.cumsum(np.bincount(indices[connections], minlength=n_in))])
+
+
 # ----- sgd_step_with_importance -----
 @pytest.mark.parametrize("build", BUILDS)
 @SETTINGS

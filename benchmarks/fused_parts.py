@@ -1,0 +1,273 @@
+"""Inside the fused MLP step: where a split-MNIST training batch's time goes, part by part.
+
+An epoch's whole batches train in one ``kernels.mlp_train_batches`` call, which a profiler sees whole. This benchmark
+runs one CLI seed in-process (``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED, "--quiet",
+"--out", TMP])``, the paper configuration) and keeps a copy of what every epoch's call of whole batches is given,
+taken just before the call (the training images are not copied: the copy refers to the run's array). Then each
+recorded epoch is replayed, in alternating rounds, two ways:
+
+- *whole*: ``mlp_train_batches`` on a fresh copy of the recorded arguments, as the run called it;
+- *parts*: the same batches through the same compiled kernels, one timed Python call each, in the order of
+  ``mlp_train_batches`` and ``mlp_train_step``: the batch's gathering (``transpose_lookup``, and its labels), per
+  layer the frozen rows' copy (``copy_cached_rows``) and the forward pass (``csr_forward``, serial build), the
+  loss (``softmax_cross_entropy``), then per layer from the top the input gradient (``csc_backward_input``), dL/dW
+  at the trainable connections (``weight_grad_by_input``, or ``sampled_weight_grad``), SGD with Omega (``sgd_step_with_importance``) and the
+  bias step (``bias_step``).
+
+The parts replay must end with the same weights, Omega, biases and batch losses, bit for bit, as the whole call
+(the benchmark stops otherwise). Reported per training batch: each part's time and share, and for the three sparse
+products their useful work (forward ``2 * batch * connections into the rows computed``, input gradient
+``2 * batch * connections of the CSC view``, weight gradient ``2 * batch * trainable connections``) and GFLOP/s,
+per layer. The parts add up to more than the whole call: each part is a Python call (its cost, measured on an
+empty kernel call, is listed), and the whole call runs the parts back to back without Python in between.
+
+Run: ``python -m benchmarks.fused_parts [--rounds 5] [--seed 0]`` (about a minute, one thread). Writes
+``results/fused_parts.{json,md}``.
+"""
+if __name__ == "__main__":
+    import sys
+    if not __package__:  # run as a file: python benchmarks/fused_parts.py
+        from pathlib import Path
+        sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    from benchmarks.common import limit_threads
+    limit_threads(1)  # before NumPy and Numba are imported
+
+import argparse
+import contextlib
+import copy
+import io
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from benchmarks.common import machine_info, md_table, reproduce_command, write_results
+from spacenet_np import kernels, train
+
+PRODUCTS = ("forward", "input gradient", "weight gradient")
+PARTS = ("gather", "frozen rows copied", "forward", "frozen rows recorded", "loss", "input gradient",
+         "weight gradient", "SGD + Omega", "bias step")
+
+
+def record_epochs(seed):
+    """Run one CLI seed in-process; return a copy of the arguments of every ``mlp_train_batches`` call that
+    trains more than one batch (the epochs' whole batches), the images by reference."""
+    recorded, real = [], kernels.mlp_train_batches
+
+    def recording(*args):
+        if args[-1].shape[0] > 1:
+            images = args[4]
+            recorded.append((images, copy.deepcopy(args[:4] + (None,) + args[5:])))
+        return real(*args)
+
+    kernels.mlp_train_batches = recording
+    try:
+        with tempfile.TemporaryDirectory(prefix="fused_parts_") as out, contextlib.redirect_stdout(io.StringIO()):
+            code = train.main(["--task", "split_mnist", "--seeds", str(seed), "--quiet", "--out", out])
+    finally:
+        kernels.mlp_train_batches = real
+    if code != 0:
+        raise RuntimeError(f"spacenet_np.train exited with {code}")
+    return recorded
+
+
+def fresh(recorded_call):
+    images, args = recorded_call
+    args = copy.deepcopy(args)
+    return args[:4] + (images,) + args[5:]
+
+
+def replay_whole(args):
+    """``mlp_train_batches`` on ``args``; returns (seconds, batches trained)."""
+    start = time.perf_counter()
+    trained = kernels.mlp_train_batches(*args)
+    return time.perf_counter() - start, trained
+
+
+def replay_parts(args, seconds):
+    """The batches of one ``mlp_train_batches`` call, kernel by kernel, adding each part's time to ``seconds``
+    (part -> s, and (product, layer) -> s). Returns the number of batches trained."""
+    (layers, activations, deltas, grads, images, order, lut, labels, batch_labels, masked, classes, lr, sum_exp,
+     losses, record, loss_limit, batch_losses) = args
+    n, batch, lr32 = len(layers), activations[0].shape[1], np.float32(lr)
+    forward, backward_input = kernels.csr_forward[0], kernels.csc_backward_input[0]
+    weight_grad, sgd = kernels.sampled_weight_grad[0], kernels.sgd_step_with_importance[0]
+    clock = time.perf_counter
+
+    def timed(part, kernel, *kernel_args):
+        start = clock()
+        result = kernel(*kernel_args)
+        seconds[part] += clock() - start
+        return result
+
+    for t in range(batch_losses.shape[0]):
+        start = clock()
+        ids = order[t * batch:(t + 1) * batch]
+        kernels.transpose_lookup[0](images, ids, lut, activations[0])
+        batch_labels[:] = labels[ids]
+        seconds["gather"] += clock() - start
+        for l in range(n):
+            L = layers[l]
+            if not record:
+                timed("frozen rows copied", kernels.copy_cached_rows, L[11], L[12], ids, activations[l + 1], False)
+            timed(("forward", l), forward, L[0], L[1], L[2], L[3], L[4], activations[l], activations[l + 1], l < n - 1)
+            if record:
+                timed("frozen rows recorded", kernels.copy_cached_rows, L[11], L[12], ids, activations[l + 1], True)
+        loss = timed("loss", kernels.softmax_cross_entropy, activations[n], batch_labels, masked, classes, deltas[n],
+                     sum_exp, losses)
+        for l in range(n - 1, -1, -1):
+            L = layers[l]
+            if l > 0:
+                timed(("input gradient", l), backward_input, L[6], L[7], L[5], L[3], deltas[l + 1], activations[l],
+                      deltas[l])
+            if L[13].shape[0]:
+                timed(("weight gradient", l), kernels.weight_grad_by_input, L[13], L[14], L[9], L[5], deltas[l + 1],
+                      activations[l], grads[l])
+            else:
+                timed(("weight gradient", l), weight_grad, L[9], L[5], L[2], deltas[l + 1], activations[l], grads[l])
+            timed("SGD + Omega", sgd, L[9], grads[l], lr32, L[3], L[8])
+            timed("bias step", kernels.bias_step, deltas[l + 1], lr32, L[10], L[4], sum_exp)
+        batch_losses[t] = loss
+        if not -np.inf < loss <= loss_limit:
+            return t + 1
+    return batch_losses.shape[0]
+
+
+def same_result(a, b):
+    """Whether two replays left the same weights, Omega, biases and batch losses (bits)."""
+    def state(args):
+        return [x for layer in args[0] for x in (layer[3], layer[4], layer[8])] + [args[-1]]
+    return all(np.array_equal(x.view(np.uint32), y.view(np.uint32)) for x, y in zip(state(a), state(b)))
+
+
+def useful_work(args):
+    """Per batch: (product, layer) -> useful floating-point operations (2 per multiply-add)."""
+    layers, batch = args[0], args[1][0].shape[1]
+    work = {}
+    for l, layer in enumerate(layers):
+        compute_rows, indptr = layer[0], layer[1]
+        work["forward", l] = 2 * batch * int(np.sum(indptr[compute_rows + 1] - indptr[compute_rows]))
+        if l > 0:
+            work["input gradient", l] = 2 * batch * layer[7].size
+        work["weight gradient", l] = 2 * batch * layer[9].size
+    return work
+
+
+def empty_call_s(repeats=20000):
+    """The cost of one Python call of a compiled kernel that does nothing (``ids_in_range`` on no ids)."""
+    ids = np.zeros(0, np.int64)
+    kernels.ids_in_range(ids, 1)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        kernels.ids_in_range(ids, 1)
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(recorded, rounds):
+    """Alternating replays of every recorded epoch. Returns (whole s per round, parts: key -> s per round, work:
+    key -> operations over all batches, batches, Python calls of the parts replay)."""
+    whole = [0.0] * rounds
+    parts = defaultdict(lambda: [0.0] * rounds)
+    work, batches, calls = defaultdict(int), 0, 0
+    for call in recorded:
+        check_whole, check_parts = fresh(call), fresh(call)
+        trained_whole = replay_whole(check_whole)[1]
+        trained_parts = replay_parts(check_parts, defaultdict(float))
+        if trained_whole != trained_parts or not same_result(check_whole, check_parts):
+            raise RuntimeError("the kernel-by-kernel replay does not reproduce mlp_train_batches")
+        for key, value in useful_work(check_whole).items():
+            work[key] += value * trained_whole
+        batches += trained_whole
+        layers = check_whole[0]
+        calls += trained_whole * (6 * len(layers) + 1)  # gather; copy + forward; loss; 3 or 4 backward
+        for r in range(rounds):
+            for first in ((True, False) if r % 2 == 0 else (False, True)):
+                if first:
+                    whole[r] += replay_whole(fresh(call))[0]
+                else:
+                    seconds = defaultdict(float)
+                    replay_parts(fresh(call), seconds)
+                    for key, value in seconds.items():
+                        parts[key][r] += value
+    return whole, dict(parts), dict(work), batches, calls
+
+
+def summarize(whole, parts, work, batches, calls, empty_s):
+    """Per batch medians over rounds (ms) and GFLOP/s. Returns (rows, summary dict)."""
+    per_batch = {key: 1e3 * statistics.median(values) / batches for key, values in parts.items()}
+    total_parts = 1e3 * statistics.median([sum(v[r] for v in parts.values()) for r in range(len(whole))]) / batches
+    whole_ms = 1e3 * statistics.median(whole) / batches
+    rows, products = [], defaultdict(float)
+    for part in PARTS:
+        keys = sorted(k for k in per_batch if k == part or (isinstance(k, tuple) and k[0] == part))
+        for key in keys:
+            ms = per_batch[key]
+            label = f"{part}, layer {key[1]}" if isinstance(key, tuple) else part
+            flop = work.get(key, 0) / batches
+            gflops = flop / (ms * 1e6) if flop else None
+            if flop:
+                products["ms"] += ms
+                products["flop"] += flop
+            rows.append({"part": label, "ms_per_batch": ms, "share_of_parts": ms / total_parts,
+                         "mflop_per_batch": flop / 1e6 if flop else None, "gflops": gflops})
+    summary = {"batches": batches, "whole_ms_per_batch": whole_ms, "parts_ms_per_batch": total_parts,
+               "python_calls_per_batch": calls / batches, "empty_call_us": 1e6 * empty_s,
+               "products_ms_per_batch": products["ms"], "products_mflop_per_batch": products["flop"] / 1e6,
+               "products_gflops": products["flop"] / (products["ms"] * 1e6),
+               "whole_gflops": products["flop"] / (whole_ms * 1e6)}
+    return rows, summary
+
+
+def markdown(rows, summary, rounds, seed):
+    table = md_table(["part", "ms / batch", "share of the parts", "useful MFLOP / batch", "GFLOP/s"],
+                     [[r["part"], f"{r['ms_per_batch']:.4f}", f"{100 * r['share_of_parts']:.1f} %",
+                       "" if r["mflop_per_batch"] is None else f"{r['mflop_per_batch']:.2f}",
+                       "" if r["gflops"] is None else f"{r['gflops']:.1f}"] for r in rows])
+    s = summary
+    return "\n".join([
+        "# Inside the fused MLP step (split MNIST, one seed)",
+        "",
+        f"Every epoch's call of `kernels.mlp_train_batches` in CLI seed {seed} (paper configuration, {s['batches']} "
+        f"batches of whole-batch calls), replayed from a copy of its arguments: whole, and kernel by kernel with "
+        f"each call timed (same bits, checked). Medians of {rounds} alternating rounds, per training batch, one "
+        "thread.",
+        "",
+        table,
+        "",
+        f"- The whole call: **{s['whole_ms_per_batch']:.4f} ms per batch**; the parts add up to "
+        f"{s['parts_ms_per_batch']:.4f} ms, which includes {s['python_calls_per_batch']:.0f} Python calls per batch "
+        f"(an empty kernel call costs {s['empty_call_us']:.2f} us).",
+        f"- The three sparse products: {s['products_ms_per_batch']:.4f} ms and {s['products_mflop_per_batch']:.2f} "
+        f"MFLOP per batch, **{s['products_gflops']:.1f} GFLOP/s** of useful work in their own time; the whole call "
+        f"does the same work at {s['whole_gflops']:.1f} GFLOP/s (its time also holds the gathering, the loss, SGD "
+        "with Omega, the bias steps and the frozen rows' copies).",
+    ])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fused_parts", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    machine = machine_info()
+    recorded = record_epochs(args.seed)
+    whole, parts, work, batches, calls = measure(recorded, args.rounds)
+    rows, summary = summarize(whole, parts, work, batches, calls, empty_call_s())
+    text = markdown(rows, summary, args.rounds, args.seed)
+    print(text)
+    write_results("fused_parts", {"seed": args.seed, "rounds": args.rounds, "parts": rows, "summary": summary,
+                                  "whole_s_per_round": whole,
+                                  "parts_s_per_round": {" / ".join(map(str, k)) if isinstance(k, tuple) else k: v
+                                                        for k, v in parts.items()}},
+                  text, reproduce_command("fused_parts", argv), machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
