@@ -11,8 +11,8 @@ recorded epoch is replayed, in alternating rounds, two ways:
   ``mlp_train_batches`` and ``mlp_train_step``: the batch's gathering (``transpose_lookup``, and its labels), per
   layer the frozen rows' copy (``copy_cached_rows``) and the forward pass (``csr_forward``, serial build), the
   loss (``softmax_cross_entropy``), then per layer from the top the input gradient (``csc_backward_input``), dL/dW
-  at the trainable connections (``weight_grad_by_input``, or ``sampled_weight_grad``), SGD with Omega (``sgd_step_with_importance``) and the
-  bias step (``bias_step``).
+  at the trainable connections (``weight_grad_by_input``, or ``sampled_weight_grad`` where they are not grouped),
+  SGD with Omega (``sgd_step_with_importance``) and the bias step (``bias_step``).
 
 The parts replay must end with the same weights, Omega, biases and batch losses, bit for bit, as the whole call
 (the benchmark stops otherwise). Reported per training batch: each part's time and share, and for the three sparse
@@ -21,7 +21,7 @@ products their useful work (forward ``2 * batch * connections into the rows comp
 per layer. The parts add up to more than the whole call: each part is a Python call (its cost, measured on an
 empty kernel call, is listed), and the whole call runs the parts back to back without Python in between.
 
-Run: ``python -m benchmarks.fused_parts [--rounds 5] [--seed 0]`` (about a minute, one thread). Writes
+Run: ``python -m benchmarks.fused_parts [--rounds 5] [--seed 0]`` (about 30 s, one thread). Writes
 ``results/fused_parts.{json,md}``.
 """
 if __name__ == "__main__":
