@@ -4,7 +4,7 @@ An epoch's whole batches train in one ``kernels.mlp_train_batches`` call, which 
 runs one CLI seed in-process (``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED, "--quiet",
 "--out", TMP])``, the paper configuration) and keeps a copy of what every epoch's call of whole batches is given,
 taken just before the call (the training images are not copied: the copy refers to the run's array). Then each
-recorded epoch is replayed, in alternating rounds, two ways:
+recorded epoch is replayed, in alternating rounds, three ways:
 
 - *whole*: ``mlp_train_batches`` on a fresh copy of the recorded arguments, as the run called it;
 - *parts*: the same batches through the same compiled kernels, one timed Python call each, in the order of
@@ -14,9 +14,12 @@ recorded epoch is replayed, in alternating rounds, two ways:
   at the trainable connections (``weight_grad_by_input``, or ``sampled_weight_grad`` where they are not grouped),
   SGD with Omega (``sgd_step_with_importance``) and the bias step (``bias_step``).
 
-The parts replay must end with the same weights, Omega, biases and batch losses, bit for bit, as the whole call
-(the benchmark stops otherwise). Reported per training batch: each part's time and share, and for the three sparse
-products their useful work (forward ``2 * batch * connections into the rows computed``, input gradient
+- *by row*: ``mlp_train_batches`` with dL/dW by output row (``sampled_weight_grad``) instead of input by input
+  (``weight_grad_by_input``, the default of the epoch call), to measure what that choice gains.
+
+The parts and by-row replays must end with the same weights, Omega, biases and batch losses, bit for bit, as the
+whole call (the benchmark stops otherwise). Reported per training batch: each part's time and share, and for the
+three sparse products their useful work (forward ``2 * batch * connections into the rows computed``, input gradient
 ``2 * batch * connections of the CSC view``, weight gradient ``2 * batch * trainable connections``) and GFLOP/s,
 per layer. The parts add up to more than the whole call: each part is a Python call (its cost, measured on an
 empty kernel call, is listed), and the whole call runs the parts back to back without Python in between.
@@ -166,36 +169,47 @@ def empty_call_s(repeats=20000):
     return (time.perf_counter() - start) / repeats
 
 
+def by_row(args):
+    """``args`` with the trainable connections not grouped by input: dL/dW by ``sampled_weight_grad``."""
+    ungrouped = np.zeros(0, np.int64)
+    return (tuple(layer[:13] + (ungrouped, ungrouped) for layer in args[0]),) + args[1:]
+
+
 def measure(recorded, rounds):
-    """Alternating replays of every recorded epoch. Returns (whole s per round, parts: key -> s per round, work:
-    key -> operations over all batches, batches, Python calls of the parts replay)."""
-    whole = [0.0] * rounds
+    """Alternating replays of every recorded epoch: whole, whole with dL/dW by output row, and kernel by kernel.
+    Returns (whole s per round, by-row whole s per round, parts: key -> s per round, work: key -> operations over
+    all batches, batches, Python calls of the parts replay)."""
+    whole, whole_by_row = [0.0] * rounds, [0.0] * rounds
     parts = defaultdict(lambda: [0.0] * rounds)
     work, batches, calls = defaultdict(int), 0, 0
     for call in recorded:
-        check_whole, check_parts = fresh(call), fresh(call)
+        check_whole, check_parts, check_by_row = fresh(call), fresh(call), by_row(fresh(call))
         trained_whole = replay_whole(check_whole)[1]
         trained_parts = replay_parts(check_parts, defaultdict(float))
         if trained_whole != trained_parts or not same_result(check_whole, check_parts):
             raise RuntimeError("the kernel-by-kernel replay does not reproduce mlp_train_batches")
+        if replay_whole(check_by_row)[1] != trained_whole or not same_result(check_whole, check_by_row):
+            raise RuntimeError("dL/dW by input and by output row give different results")
         for key, value in useful_work(check_whole).items():
             work[key] += value * trained_whole
         batches += trained_whole
         layers = check_whole[0]
         calls += trained_whole * (6 * len(layers) + 1)  # gather; copy + forward; loss; 3 or 4 backward
         for r in range(rounds):
-            for first in ((True, False) if r % 2 == 0 else (False, True)):
-                if first:
+            for way in ("whole", "by row", "parts")[r % 3:] + ("whole", "by row", "parts")[:r % 3]:
+                if way == "whole":
                     whole[r] += replay_whole(fresh(call))[0]
+                elif way == "by row":
+                    whole_by_row[r] += replay_whole(by_row(fresh(call)))[0]
                 else:
                     seconds = defaultdict(float)
                     replay_parts(fresh(call), seconds)
                     for key, value in seconds.items():
                         parts[key][r] += value
-    return whole, dict(parts), dict(work), batches, calls
+    return whole, whole_by_row, dict(parts), dict(work), batches, calls
 
 
-def summarize(whole, parts, work, batches, calls, empty_s):
+def summarize(whole, whole_by_row, parts, work, batches, calls, empty_s):
     """Per batch medians over rounds (ms) and GFLOP/s. Returns (rows, summary dict)."""
     per_batch = {key: 1e3 * statistics.median(values) / batches for key, values in parts.items()}
     total_parts = 1e3 * statistics.median([sum(v[r] for v in parts.values()) for r in range(len(whole))]) / batches
@@ -214,6 +228,8 @@ def summarize(whole, parts, work, batches, calls, empty_s):
             rows.append({"part": label, "ms_per_batch": ms, "share_of_parts": ms / total_parts,
                          "mflop_per_batch": flop / 1e6 if flop else None, "gflops": gflops})
     summary = {"batches": batches, "whole_ms_per_batch": whole_ms, "parts_ms_per_batch": total_parts,
+               "whole_by_row_ms_per_batch": 1e3 * statistics.median(whole_by_row) / batches,
+               "rounds_by_input_faster": sum(a < b for a, b in zip(whole, whole_by_row)),
                "python_calls_per_batch": calls / batches, "empty_call_us": 1e6 * empty_s,
                "products_ms_per_batch": products["ms"], "products_mflop_per_batch": products["flop"] / 1e6,
                "products_gflops": products["flop"] / (products["ms"] * 1e6),
@@ -240,6 +256,10 @@ def markdown(rows, summary, rounds, seed):
         f"- The whole call: **{s['whole_ms_per_batch']:.4f} ms per batch**; the parts add up to "
         f"{s['parts_ms_per_batch']:.4f} ms, which includes {s['python_calls_per_batch']:.0f} Python calls per batch "
         f"(an empty kernel call costs {s['empty_call_us']:.2f} us).",
+        f"- The same calls with dL/dW by output row (`sampled_weight_grad` instead of `weight_grad_by_input`, "
+        f"same bits, checked): {s['whole_by_row_ms_per_batch']:.4f} ms per batch "
+        f"({s['whole_by_row_ms_per_batch'] / s['whole_ms_per_batch']:.3f}x the default's; the default faster in "
+        f"{s['rounds_by_input_faster']} of {rounds} rounds).",
         f"- The three sparse products: {s['products_ms_per_batch']:.4f} ms and {s['products_mflop_per_batch']:.2f} "
         f"MFLOP per batch, **{s['products_gflops']:.1f} GFLOP/s** of useful work in their own time; the whole call "
         f"does the same work at {s['whole_gflops']:.1f} GFLOP/s (its time also holds the gathering, the loss, SGD "
@@ -257,12 +277,12 @@ def main(argv=None):
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     machine = machine_info()
     recorded = record_epochs(args.seed)
-    whole, parts, work, batches, calls = measure(recorded, args.rounds)
-    rows, summary = summarize(whole, parts, work, batches, calls, empty_call_s())
+    whole, whole_by_row, parts, work, batches, calls = measure(recorded, args.rounds)
+    rows, summary = summarize(whole, whole_by_row, parts, work, batches, calls, empty_call_s())
     text = markdown(rows, summary, args.rounds, args.seed)
     print(text)
     write_results("fused_parts", {"seed": args.seed, "rounds": args.rounds, "parts": rows, "summary": summary,
-                                  "whole_s_per_round": whole,
+                                  "whole_s_per_round": whole, "whole_by_row_s_per_round": whole_by_row,
                                   "parts_s_per_round": {" / ".join(map(str, k)) if isinstance(k, tuple) else k: v
                                                         for k, v in parts.items()}},
                   text, reproduce_command("fused_parts", argv), machine)

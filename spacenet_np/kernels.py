@@ -423,7 +423,7 @@ def weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, gr
     group_ptr (n_in + 1,) int64, group_order (m,) int64, connections (m,), rows (nnz,), delta (n_out, batch),
     x (n_in, batch), grad (m,). Four connections of one input share a pass over ``x[j]``, which is then read once
     instead of once per output row (the first layer's x, 784 x 128 floats, does not fit the L1 cache): a split
-    MNIST seed's epoch calls 2-5 % faster (alternating replays). Each dot product sums in the same order as in
+    MNIST seed's epoch calls 2 % faster (benchmarks/fused_parts.py). Each dot product sums in the same order as in
     ``sampled_weight_grad``: the same bits (tests).
     """
     batch = x.shape[1]
