@@ -193,6 +193,16 @@ def test_csc_backward_input_with_active_rows_view(build, shape, density, seed):
 @SETTINGS
 @given(shape=shapes, density=densities, fraction=st.floats(0.0, 1.0), seed=seeds)
 def test_sampled_weight_grad_at_live_positions(build, shape, density, fraction, seed):
+    W, rows, connections, delta, x = weight_grad_problem(shape, density, fraction, seed)
+    grad = np.full(connections.size, np.nan, dtype=np.float32)
+
+    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
+
+    assert_weight_grad(grad, W, rows, connections, delta, x)
+
+
+def weight_grad_problem(shape, density, fraction, seed):
+    """A random layer, its rows, a random subset of its connections (shuffled), a delta and an input."""
     n_out, n_in, batch = shape
     rng = np.random.default_rng(seed)
     W = random_csr(rng, n_out, n_in, density)
@@ -200,10 +210,11 @@ def test_sampled_weight_grad_at_live_positions(build, shape, density, fraction, 
     connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)
     delta = rng.normal(size=(n_out, batch)).astype(np.float32)
     x = rng.normal(size=(n_in, batch)).astype(np.float32)
-    grad = np.full(connections.size, np.nan, dtype=np.float32)
+    return W, rows, connections, delta, x
 
-    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
 
+def assert_weight_grad(grad, W, rows, connections, delta, x):
+    """``grad`` against the float64 dense product at the connections, within float32 rounding."""
     full = delta.astype(np.float64) @ x.astype(np.float64).T
     expected = full[rows[connections], W.indices[connections]]
     scale = (np.abs(delta) @ np.abs(x).T)[rows[connections], W.indices[connections]]
@@ -257,21 +268,13 @@ def test_sampled_weight_grad_on_unsorted_connections_with_repeated_rows(build, p
        fraction=st.floats(0.0, 1.0), seed=seeds)
 def test_weight_grad_by_input_is_the_sampled_weight_grad_bit_for_bit(shape, density, fraction, seed):
     """Against float64 NumPy, and the same bits as ``sampled_weight_grad`` (the fused epoch call relies on it)."""
-    n_out, n_in, batch = shape
-    rng = np.random.default_rng(seed)
-    W = random_csr(rng, n_out, n_in, density)
-    rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
-    connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)
-    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
-    x = rng.normal(size=(n_in, batch)).astype(np.float32)
-    group_ptr, group_order = kernels.group_positions(connections, W.indices, n_in)
+    W, rows, connections, delta, x = weight_grad_problem(shape, density, fraction, seed)
+    group_ptr, group_order = kernels.group_positions(connections, W.indices, W.shape[1])
     grad = np.full(connections.size, np.nan, dtype=np.float32)
 
     kernels.weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, grad)
 
-    expected = sampled_grad_reference(connections, rows, W.indices, delta, x)
-    scale = (np.abs(delta) @ np.abs(x).T)[rows[connections], W.indices[connections]]
-    assert np.all(np.abs(grad - expected) <= RTOL * scale + ATOL)
+    assert_weight_grad(grad, W, rows, connections, delta, x)
     by_row = np.full(connections.size, np.nan, dtype=np.float32)
     kernels.sampled_weight_grad[0](connections, rows, W.indices, delta, x, by_row)
     assert np.array_equal(grad.view(np.uint32), by_row.view(np.uint32))
