@@ -316,6 +316,13 @@ for t in range(30):
 """
 
 
+def host_runs_avx2():
+    import llvmlite.binding
+    features = llvmlite.binding.get_host_cpu_features()
+    return bool(features.get("avx2")) and bool(features.get("fma"))
+
+
+@pytest.mark.skipif(not host_runs_avx2(), reason="an AVX2 build needs an x86 CPU with AVX2 and FMA to run")
 def test_weight_grad_by_input_keeps_the_bits_when_compiled_for_avx2(tmp_path):
     """With 16 vector registers instead of 32 the compiler may interleave a loop of four sums less than a loop of
     one; the two dL/dW kernels group connections differently, so their bits must agree there too (a --quiet run
