@@ -21,6 +21,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: python benchmar
 
 import argparse
 import math
+import statistics
 import sys
 import time
 
@@ -155,6 +156,13 @@ def accuracy_agreement(summary):
             "seed_std_spacenet_np": s_a, "seed_std_dense": s_b}
 
 
+def pair_ratios(runs):
+    """Per seed, the dense process's wall time over spacenet_np's (the two ran back to back). Returns {seed: ratio}."""
+    wall = {(r["impl"], r["seed"]): r["process_wall_s"] for r in runs}
+    return {seed: wall["dense", seed] / wall["spacenet_np", seed] for impl, seed in wall
+            if impl == "spacenet_np" and ("dense", seed) in wall}
+
+
 def markdown(runs, summary, ratios, agreement, hidden, threads):
     rows = []
     for r in runs:
@@ -189,7 +197,10 @@ def markdown(runs, summary, ratios, agreement, hidden, threads):
         "**Speed ratio (dense time / spacenet_np time; > 1 means spacenet_np is faster):** "
         f"process wall {ratios['process_wall_s']:.2f}×, training {ratios['train_s']:.2f}×, "
         f"per epoch {ratios['mean_epoch_s']:.2f}×, CPU time {ratios['cpu_s']:.2f}×. "
-        f"**Peak RSS ratio (dense / spacenet_np):** {ratios['peak_rss_mb']:.2f}×.",
+        f"**Peak RSS ratio (dense / spacenet_np):** {ratios['peak_rss_mb']:.2f}×. Process wall ratio per seed "
+        "(the two runs of a seed follow each other): "
+        + ", ".join(f"{ratio:.2f}×" for ratio in pair_ratios(runs).values())
+        + f" (median {statistics.median(pair_ratios(runs).values()):.2f}×).",
         "",
         f"**Accuracy:** spacenet_np {pm([r['final_average_accuracy'] for r in runs if r['impl'] == 'spacenet_np'])} %, "
         f"dense {pm([r['final_average_accuracy'] for r in runs if r['impl'] == 'dense'])} % (mean ± population "
@@ -244,6 +255,7 @@ def main(argv=None):
     if len(summary) == 2:
         for m in ("process_wall_s", "train_s", "mean_epoch_s", "cpu_s", "peak_rss_mb"):
             ratios[m] = summary["dense"][m]["mean"] / summary["spacenet_np"][m]["mean"]
+        ratios["process_wall_s_per_seed"] = pair_ratios(runs)
         agreement = accuracy_agreement(summary)
     payload = {"hidden": args.hidden, "seeds": args.seeds, "threads": threads, "runs": runs,
                "summary": summary, "speed_ratio_dense_over_spacenet_np": ratios, "accuracy_agreement": agreement,
