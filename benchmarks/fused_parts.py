@@ -36,45 +36,46 @@ if __name__ == "__main__":
     limit_threads(1)  # before NumPy and Numba are imported
 
 import argparse
-import contextlib
 import copy
-import io
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
 import numpy as np
 
 from benchmarks.common import machine_info, md_table, reproduce_command, write_results
-from spacenet_np import kernels, train
+from benchmarks.fused_step import run_seed
+from spacenet_np import kernels
 
-PRODUCTS = ("forward", "input gradient", "weight gradient")
 PARTS = ("gather", "frozen rows copied", "forward", "frozen rows recorded", "loss", "input gradient",
          "weight gradient", "SGD + Omega", "bias step")
 
 
-def record_epochs(seed):
-    """Run one CLI seed in-process; return a copy of the arguments of every ``mlp_train_batches`` call that
-    trains more than one batch (the epochs' whole batches), the images by reference."""
-    recorded, real = [], kernels.mlp_train_batches
+class EpochRecorder:
+    """An instrument for ``fused_step.run_seed``: keeps a copy of the arguments of every ``mlp_train_batches``
+    call that trains more than one batch (the epochs' whole batches), the images by reference."""
 
-    def recording(*args):
+    def __init__(self):
+        self.recorded, self.real = [], kernels.mlp_train_batches
+
+    def _recording(self, *args):
         if args[-1].shape[0] > 1:
-            images = args[4]
-            recorded.append((images, copy.deepcopy(args[:4] + (None,) + args[5:])))
-        return real(*args)
+            self.recorded.append((args[4], copy.deepcopy(args[:4] + (None,) + args[5:])))
+        return self.real(*args)
 
-    kernels.mlp_train_batches = recording
-    try:
-        with tempfile.TemporaryDirectory(prefix="fused_parts_") as out, contextlib.redirect_stdout(io.StringIO()):
-            code = train.main(["--task", "split_mnist", "--seeds", str(seed), "--quiet", "--out", out])
-    finally:
-        kernels.mlp_train_batches = real
-    if code != 0:
-        raise RuntimeError(f"spacenet_np.train exited with {code}")
-    return recorded
+    def install(self):
+        kernels.mlp_train_batches = self._recording
+
+    def remove(self):
+        kernels.mlp_train_batches = self.real
+
+
+def record_epochs(seed):
+    """Run one CLI seed in-process on the default path; return what ``EpochRecorder`` kept."""
+    recorder = EpochRecorder()
+    run_seed(seed, "fused", recorder)
+    return recorder.recorded
 
 
 def fresh(recorded_call):

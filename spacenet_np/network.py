@@ -274,8 +274,8 @@ class SparseMLP(SparseNetwork):
         if order.shape[0] % batch or labels.shape[0] != images.shape[0]:
             raise ValueError(f"train_batches takes whole batches of {batch} and one label per image, got "
                              f"{order.shape[0]} ids, {images.shape[0]} images and {labels.shape[0]} labels")
-        layers, activations, deltas, scratch, frozen, record = self._step_arguments(batch, trainable, bias_masks,
-                                                                                  frozen, grouped=True)
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(
+            batch, trainable, bias_masks, frozen, grouped=order.shape[0] > batch)
         activations[0] = x
         masked = classes is not None
         batch_losses = np.empty(order.shape[0] // batch, np.float32)
@@ -293,7 +293,8 @@ class SparseMLP(SparseNetwork):
         """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples: (its per-layer tuples, the
         activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if it holds else None,
         whether the step records frozen outputs). With ``grouped``, the tuples hold the trainable connections
-        grouped by input (``kernels.group_positions``, worth its O(connections + inputs) for an epoch's calls)."""
+        grouped by input (``kernels.group_positions``: its O(connections + inputs) pays over several batches, not
+        for one)."""
         self.update_active_rows()
         activations, deltas = self.buffers(batch)
         scratch = self.step_buffers(batch, trainable)
