@@ -351,8 +351,7 @@ class SpaceNet(Learner):
     def drop(self, layer, task):
         """Drop phase: remove the ``r`` fraction of ``task``'s connections with the least Omega (stable order)."""
         mine = layer.connections_of(task)
-        count = int(self.config.rewire_ratio * mine.size)
-        least = mine[np.argsort(layer.importance[mine], kind="stable")[:count]]
+        least = mine[smallest_first(layer.importance[mine], int(self.config.rewire_ratio * mine.size))]
         if self.official_importance is not None:
             self.official_importance.drop(layer, least)
         layer.remove_connections(least)
@@ -434,6 +433,21 @@ class OfficialImportance:
         """Before ``connections`` of ``layer`` are removed: their Omega stays in the per-step sums."""
         for position, total in self._segments(self.layers.index(layer), layer, connections):
             self.dropped[position] += total
+
+
+def smallest_first(values, count):
+    """The positions of the ``count`` smallest of ``values`` (n,), smallest first, equal values by position: what
+    ``np.argsort(values, kind="stable")[:count]`` gives (NaN last), in O(n + count log count) instead of
+    O(n log n). Returns (min(count, n),) int64."""
+    count = max(0, min(count, values.size))
+    if count == 0:
+        return np.zeros(0, np.int64)
+    kth = np.partition(values, count - 1)[count - 1]
+    if np.isnan(kth):  # NaNs among the chosen: sorting places them as argsort does
+        return np.argsort(values, kind="stable")[:count]
+    below = np.flatnonzero(values < kth)
+    chosen = np.concatenate([below, np.flatnonzero(values == kth)[:count - below.size]])  # each by position
+    return chosen[np.argsort(values[chosen], kind="stable")]
 
 
 def task_heads(model, task_classes=None):

@@ -11,10 +11,11 @@ import numpy as np
 from helpers import connection_table, make_blobs, reserved_ids, task_split
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from spacenet_np.layers import FREE
 from spacenet_np.network import SparseMLP
-from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
+from spacenet_np.spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN, smallest_first
 
 CLASSES_PER_TASK = 2
 
@@ -290,6 +291,18 @@ def test_drop_removes_exactly_the_least_important_connections(setup):
         for key, value in after.items():  # everything else untouched, bit for bit
             assert value[0] == before[key][0] and value[1] == before[key][1] and value[2] == before[key][2]
         assert_no_duplicates_and_canonical(layer)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=arrays(np.float32, st.integers(0, 60),
+                     elements=st.sampled_from([0.0, -0.0, 0.5, 1.0, np.inf, -np.inf, np.nan]) | st.floats(width=32)),
+       count=st.integers(-2, 70))
+def test_smallest_first_is_the_stable_argsort_prefix(values, count):
+    """The drop phase's selection: the same positions in the same order as a stable sort (ties by position,
+    -0.0 equal to 0.0, NaN last), which the official-importance sums add up in."""
+    expected = np.argsort(values, kind="stable")[:max(count, 0)]
+    chosen = smallest_first(values, count)
+    assert chosen.dtype == np.int64 and np.array_equal(chosen, expected)
 
 
 @PROPERTY
