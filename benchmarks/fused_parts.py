@@ -15,14 +15,17 @@ recorded epoch is replayed, in alternating rounds, three ways:
   SGD with Omega (``sgd_step_with_importance``) and the bias step (``bias_step``).
 
 - *by row*: ``mlp_train_batches`` with dL/dW by output row (``sampled_weight_grad``) instead of input by input
-  (``weight_grad_by_input``, the default of the epoch call), to measure what that choice gains.
+  (``weight_grad_by_input``, the default of the epoch call), to measure what that choice gains;
+- *every bias row*: ``mlp_train_batches`` stepping the bias of every row its mask trains, instead of only the rows
+  whose gradient can be nonzero (``SparseMLP.bias_step_rows``), to measure what leaving the others out gains.
 
-The parts and by-row replays must end with the same weights, Omega, biases and batch losses, bit for bit, as the
-whole call (the benchmark stops otherwise). Reported per training batch: each part's time and share, and for the
-three sparse products their useful work (forward ``2 * batch * connections into the rows computed``, input gradient
-``2 * batch * connections of the CSC view``, weight gradient ``2 * batch * trainable connections``) and GFLOP/s,
-per layer. The parts add up to more than the whole call: each part is a Python call (its cost, measured on an
-empty kernel call, is listed), and the whole call runs the parts back to back without Python in between.
+The parts, by-row and every-bias-row replays must end with the same weights, Omega, biases and batch losses, bit
+for bit, as the whole call (the benchmark stops otherwise). Reported per training batch: each part's time and
+share, and for the three sparse products their useful work (forward ``2 * batch * connections into the rows
+computed``, input gradient ``2 * batch * connections of the CSC view``, weight gradient ``2 * batch * trainable
+connections``) and GFLOP/s, per layer. The parts add up to more than the whole call: each part is a Python call
+(its cost, measured on an empty kernel call, is listed), and the whole call runs the parts back to back without
+Python in between.
 
 Run: ``python -m benchmarks.fused_parts [--rounds 5] [--seed 0]`` (about 30 s, one thread). Writes
 ``results/fused_parts.{json,md}``.
@@ -133,7 +136,7 @@ def replay_parts(args, seconds):
             else:
                 timed(("weight gradient", l), weight_grad, L[9], L[5], L[2], deltas[l + 1], activations[l], grads[l])
             timed("SGD + Omega", sgd, L[9], grads[l], lr32, L[3], L[8])
-            timed("bias step", kernels.bias_step, deltas[l + 1], lr32, L[10], L[4], sum_exp)
+            timed("bias step", kernels.bias_step, deltas[l + 1], lr32, L[10], L[4], sum_exp, L[15])
         batch_losses[t] = loss
         if not -np.inf < loss <= loss_limit:
             return t + 1
@@ -173,45 +176,56 @@ def empty_call_s(repeats=20000):
 def by_row(args):
     """``args`` with the trainable connections not grouped by input: dL/dW by ``sampled_weight_grad``."""
     ungrouped = np.zeros(0, np.int64)
-    return (tuple(layer[:13] + (ungrouped, ungrouped) for layer in args[0]),) + args[1:]
+    return (tuple(layer[:13] + (ungrouped, ungrouped) + layer[15:] for layer in args[0]),) + args[1:]
+
+
+def every_bias_row(args):
+    """``args`` with the bias step computed on every row (those whose mask is 0 are still left alone)."""
+    return (tuple(layer[:15] + (np.arange(layer[4].shape[0]),) for layer in args[0]),) + args[1:]
+
+
+VARIANTS = {"whole": lambda call: fresh(call), "by row": lambda call: by_row(fresh(call)),
+            "every bias row": lambda call: every_bias_row(fresh(call))}
 
 
 def measure(recorded, rounds):
-    """Alternating replays of every recorded epoch: whole, whole with dL/dW by output row, and kernel by kernel.
-    Returns (whole s per round, by-row whole s per round, parts: key -> s per round, work: key -> operations over
-    all batches, batches, Python calls of the parts replay)."""
-    whole, whole_by_row = [0.0] * rounds, [0.0] * rounds
+    """Alternating replays of every recorded epoch: whole, whole with dL/dW by output row, whole with every bias
+    row stepped, and kernel by kernel. Returns (variant -> whole s per round, parts: key -> s per round, work:
+    key -> operations over all batches, batches, Python calls of the parts replay)."""
+    whole = {name: [0.0] * rounds for name in VARIANTS}
     parts = defaultdict(lambda: [0.0] * rounds)
     work, batches, calls = defaultdict(int), 0, 0
+    ways = (*VARIANTS, "parts")
     for call in recorded:
-        check_whole, check_parts, check_by_row = fresh(call), fresh(call), by_row(fresh(call))
+        check_whole, check_parts = fresh(call), fresh(call)
         trained_whole = replay_whole(check_whole)[1]
         trained_parts = replay_parts(check_parts, defaultdict(float))
         if trained_whole != trained_parts or not same_result(check_whole, check_parts):
             raise RuntimeError("the kernel-by-kernel replay does not reproduce mlp_train_batches")
-        if replay_whole(check_by_row)[1] != trained_whole or not same_result(check_whole, check_by_row):
-            raise RuntimeError("dL/dW by input and by output row give different results")
+        for name in ("by row", "every bias row"):
+            check = VARIANTS[name](call)
+            if replay_whole(check)[1] != trained_whole or not same_result(check_whole, check):
+                raise RuntimeError(f"the {name} replay does not reproduce mlp_train_batches")
         for key, value in useful_work(check_whole).items():
             work[key] += value * trained_whole
         batches += trained_whole
         layers = check_whole[0]
         calls += trained_whole * (6 * len(layers) + 1)  # gather; copy + forward; loss; 3 or 4 backward
         for r in range(rounds):
-            for way in ("whole", "by row", "parts")[r % 3:] + ("whole", "by row", "parts")[:r % 3]:
-                if way == "whole":
-                    whole[r] += replay_whole(fresh(call))[0]
-                elif way == "by row":
-                    whole_by_row[r] += replay_whole(by_row(fresh(call)))[0]
-                else:
+            for way in ways[r % len(ways):] + ways[:r % len(ways)]:
+                if way == "parts":
                     seconds = defaultdict(float)
                     replay_parts(fresh(call), seconds)
                     for key, value in seconds.items():
                         parts[key][r] += value
-    return whole, whole_by_row, dict(parts), dict(work), batches, calls
+                else:
+                    whole[way][r] += replay_whole(VARIANTS[way](call))[0]
+    return whole, dict(parts), dict(work), batches, calls
 
 
-def summarize(whole, whole_by_row, parts, work, batches, calls, empty_s):
+def summarize(variants, parts, work, batches, calls, empty_s):
     """Per batch medians over rounds (ms) and GFLOP/s. Returns (rows, summary dict)."""
+    whole, whole_by_row, whole_every_bias = variants["whole"], variants["by row"], variants["every bias row"]
     per_batch = {key: 1e3 * statistics.median(values) / batches for key, values in parts.items()}
     total_parts = 1e3 * statistics.median([sum(v[r] for v in parts.values()) for r in range(len(whole))]) / batches
     whole_ms = 1e3 * statistics.median(whole) / batches
@@ -231,6 +245,8 @@ def summarize(whole, whole_by_row, parts, work, batches, calls, empty_s):
     summary = {"batches": batches, "whole_ms_per_batch": whole_ms, "parts_ms_per_batch": total_parts,
                "whole_by_row_ms_per_batch": 1e3 * statistics.median(whole_by_row) / batches,
                "rounds_by_input_faster": sum(a < b for a, b in zip(whole, whole_by_row)),
+               "whole_every_bias_row_ms_per_batch": 1e3 * statistics.median(whole_every_bias) / batches,
+               "rounds_bias_rows_faster": sum(a < b for a, b in zip(whole, whole_every_bias)),
                "python_calls_per_batch": calls / batches, "empty_call_us": 1e6 * empty_s,
                "products_ms_per_batch": products["ms"], "products_mflop_per_batch": products["flop"] / 1e6,
                "products_gflops": products["flop"] / (products["ms"] * 1e6),
@@ -261,6 +277,11 @@ def markdown(rows, summary, rounds, seed):
         f"same bits, checked): {s['whole_by_row_ms_per_batch']:.4f} ms per batch "
         f"({s['whole_by_row_ms_per_batch'] / s['whole_ms_per_batch']:.3f}x the default's; the default faster in "
         f"{s['rounds_by_input_faster']} of {rounds} rounds).",
+        f"- The same calls stepping the bias of every row that its mask trains (same bits, checked): "
+        f"{s['whole_every_bias_row_ms_per_batch']:.4f} ms per batch "
+        f"({s['whole_every_bias_row_ms_per_batch'] / s['whole_ms_per_batch']:.3f}x the default's, which leaves out "
+        f"the rows whose gradient is exactly 0; the default faster in {s['rounds_bias_rows_faster']} of {rounds} "
+        "rounds).",
         f"- The three sparse products: {s['products_ms_per_batch']:.4f} ms and {s['products_mflop_per_batch']:.2f} "
         f"MFLOP per batch, **{s['products_gflops']:.1f} GFLOP/s** of useful work in their own time; the whole call "
         f"does the same work at {s['whole_gflops']:.1f} GFLOP/s (its time also holds the gathering, the loss, SGD "
@@ -278,12 +299,14 @@ def main(argv=None):
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     machine = machine_info()
     recorded = record_epochs(args.seed)
-    whole, whole_by_row, parts, work, batches, calls = measure(recorded, args.rounds)
-    rows, summary = summarize(whole, whole_by_row, parts, work, batches, calls, empty_call_s())
+    whole, parts, work, batches, calls = measure(recorded, args.rounds)
+    rows, summary = summarize(whole, parts, work, batches, calls, empty_call_s())
     text = markdown(rows, summary, args.rounds, args.seed)
     print(text)
     write_results("fused_parts", {"seed": args.seed, "rounds": args.rounds, "parts": rows, "summary": summary,
-                                  "whole_s_per_round": whole, "whole_by_row_s_per_round": whole_by_row,
+                                  "whole_s_per_round": whole["whole"],
+                                  "whole_by_row_s_per_round": whole["by row"],
+                                  "whole_every_bias_row_s_per_round": whole["every bias row"],
                                   "parts_s_per_round": {" / ".join(map(str, k)) if isinstance(k, tuple) else k: v
                                                         for k, v in parts.items()}},
                   text, reproduce_command("fused_parts", argv), machine)

@@ -388,13 +388,15 @@ def softmax_cross_entropy(logits, labels, masked, classes, delta, sum_exp, losse
 
 
 @numba.njit(**_EXACT)
-def bias_step(delta, lr, mask, bias, work):
-    """``bias -= lr * delta.sum(axis=1) * mask`` in float32 on the rows where ``mask`` is not 0 (the others stay
-    exactly as they are, and are not summed), each row summed as NumPy does (``pairwise_sum``).
+def bias_step(delta, lr, mask, bias, work, rows):
+    """``bias -= lr * delta.sum(axis=1) * mask`` in float32 on the rows of ``rows`` where ``mask`` is not 0 (the
+    others stay exactly as they are, and are not summed), each row summed as NumPy does (``pairwise_sum``).
 
-    delta (n_out, batch) float32, lr float32, mask and bias (n_out,) float32, work (batch,) float32 scratch.
+    delta (n_out, batch) float32, lr float32, mask and bias (n_out,) float32, work (batch,) float32 scratch, rows
+    (k,) int64: every row, or only those whose delta may be nonzero (``mlp_train_step``).
     """
-    for i in range(delta.shape[0]):
+    for r in range(rows.shape[0]):
+        i = rows[r]
         if mask[i] == 0:
             continue
         grad = np.float32(0.0) + pairwise_sum(delta[i], 0, delta.shape[1], work)
@@ -464,14 +466,17 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
     """One SGD step of a ``SparseMLP`` on a batch, as ``Learner.train_step`` does it. Returns the loss (float32).
 
     ``layers[l]``: (compute_rows, indptr, indices, weights, bias, rows, col_ptr, col_order, importance,
-    connections, bias_mask, cached_rows, cached_values, group_ptr, group_order) of layer l: the rows to compute
-    (the active rows, or ``FrozenOutputs.compute_rows``), the arrays of ``SparseLinear`` (the CSR over output
+    connections, bias_mask, cached_rows, cached_values, group_ptr, group_order, bias_rows) of layer l: the rows to
+    compute (the active rows, or ``FrozenOutputs.compute_rows``), the arrays of ``SparseLinear`` (the CSR over output
     slots, its CSC view restricted to active rows, Omega), the trainable connection ids (m_l,) int64, the bias mask
     (out slots,) float32, the rows whose outputs are copied, (r_l,) int64, from cached_values (n, r_l) float32 at
     ``sample_ids`` (batch,) int64, or with ``record`` (then every row is among the compute rows) into it after
     they are computed (``FrozenOutputs``; without it r_l = 0 and (0, 0) arrays), and the trainable connections'
     positions grouped by input (``group_positions``: dL/dW by ``weight_grad_by_input``), or two (0,) int64 arrays
-    (dL/dW by ``sampled_weight_grad``, same bits).
+    (dL/dW by ``sampled_weight_grad``, same bits), and the rows whose bias step is computed (k,) int64: every
+    row, or with lr > 0 finite only the rows whose delta can be nonzero (below the top layer, those that an active
+    connection of the next layer reads: the input gradient writes exact zeros for the others, and ``bias - lr *
+    0.0`` is ``bias``, bit for bit; ``SparseMLP.bias_step_rows``).
     activations[0] (n_features, batch) is the input, activations[l + 1] (slots, batch) layer l's output (ReLU
     for hidden layers; only active rows are written); deltas[l] (slots, batch) receives the gradient at
     activations[l] (l >= 1; deltas[-1] the logits'); grads[l] (m_l,) float32 receives dL/dW. labels, masked,
@@ -497,7 +502,7 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
     loss = softmax_cross_entropy(activations[n], labels, masked, classes, deltas[n], sum_exp, losses)
     for l in range(n - 1, -1, -1):
         _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l][:11]
-        group_ptr, group_order = layers[l][13:15]
+        group_ptr, group_order, bias_rows = layers[l][13:16]
         delta, x = deltas[l + 1], activations[l]
         if l > 0:
             _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])
@@ -506,7 +511,7 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
         else:
             _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
         _sgd_step_serial(connections, grads[l], lr32, weights, importance)
-        bias_step(delta, lr32, bias_mask, bias, sum_exp)
+        bias_step(delta, lr32, bias_mask, bias, sum_exp, bias_rows)
     return loss
 
 

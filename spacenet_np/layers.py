@@ -205,7 +205,8 @@ class SparseLinear:
 
         Rows that feed nothing downstream do not change the loss, so the forward pass skips them and the CSC view
         used by the backward pass keeps only the connections of active rows. Builds ``active_rows``,
-        ``col_ptr`` and ``col_order``.
+        ``col_ptr``, ``col_order`` and ``read_inputs`` (the input slots that an active row reads, (k,) int64:
+        the gradient at every other input is exactly 0).
         """
         n_in = self.in_index.n_slots
         self.all_rows = np.arange(self.out_index.n_slots, dtype=np.int64)
@@ -216,6 +217,7 @@ class SparseLinear:
             self.active_rows = np.flatnonzero(active)
             kept = np.flatnonzero(active[self.rows])
         self.col_ptr, self.col_order = kernels.group_by_input(kept, self.indices, n_in)
+        self.read_inputs = np.flatnonzero(np.diff(self.col_ptr))
 
     def connection_arrays(self):
         """Copies of (rows, cols, weights, owner, importance) of every connection, for ``set_connection_arrays``."""

@@ -4,6 +4,7 @@ All activations are neuron-major, ``(slots, batch)`` float32. Hidden layers use 
 logits over every class of the stream (one shared head).
 """
 import functools
+import math
 
 import numpy as np
 
@@ -250,8 +251,8 @@ class SparseMLP(SparseNetwork):
         the frozen rows' deltas are then not meaningful (nothing uses them). Returns the loss (float). Once the
         buffers for this structure and batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
-        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x.shape[1], trainable, bias_masks,
-                                                                                  frozen)
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x.shape[1], lr, trainable,
+                                                                                  bias_masks, frozen)
         activations[0] = x
         masked = classes is not None
         loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), scratch[0], labels, masked,
@@ -275,7 +276,7 @@ class SparseMLP(SparseNetwork):
             raise ValueError(f"train_batches takes whole batches of {batch} and one label per image, got "
                              f"{order.shape[0]} ids, {images.shape[0]} images and {labels.shape[0]} labels")
         layers, activations, deltas, scratch, frozen, record = self._step_arguments(
-            batch, trainable, bias_masks, frozen, grouped=order.shape[0] > batch)
+            batch, lr, trainable, bias_masks, frozen, grouped=order.shape[0] > batch)
         activations[0] = x
         masked = classes is not None
         batch_losses = np.empty(order.shape[0] // batch, np.float32)
@@ -289,12 +290,12 @@ class SparseMLP(SparseNetwork):
             frozen.recorded += trained * batch
         return batch_losses[:trained]
 
-    def _step_arguments(self, batch, trainable, bias_masks, frozen, grouped=False):
-        """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples: (its per-layer tuples, the
-        activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if it holds else None,
-        whether the step records frozen outputs). With ``grouped``, the tuples hold the trainable connections
-        grouped by input (``kernels.group_positions``: its O(connections + inputs) pays over several batches, not
-        for one)."""
+    def _step_arguments(self, batch, lr, trainable, bias_masks, frozen, grouped=False):
+        """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples at learning rate ``lr``: (its
+        per-layer tuples, the activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if
+        it holds else None, whether the step records frozen outputs). With ``grouped``, the tuples hold the
+        trainable connections grouped by input (``kernels.group_positions``: its O(connections + inputs) pays over
+        several batches, not for one)."""
         self.update_active_rows()
         activations, deltas = self.buffers(batch)
         scratch = self.step_buffers(batch, trainable)
@@ -310,10 +311,21 @@ class SparseMLP(SparseNetwork):
         groups = ([kernels.group_positions(connections, layer.indices, layer.in_index.n_slots)
                    for layer, connections in zip(self.layers, trainable)] if grouped else [(_NO_ROWS, _NO_ROWS)] * n)
         layers = tuple((rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows, layer.col_ptr,
-                        layer.col_order, layer.importance, connections, mask, cached_rows, cached_values, *group)
-                       for layer, rows, connections, mask, cached_rows, cached_values, group
-                       in zip(self.layers, compute, trainable, bias_masks, cached, values, groups))
+                        layer.col_order, layer.importance, connections, mask, cached_rows, cached_values, *group,
+                        bias_rows)
+                       for layer, rows, connections, mask, cached_rows, cached_values, group, bias_rows
+                       in zip(self.layers, compute, trainable, bias_masks, cached, values, groups,
+                              self.bias_step_rows(lr)))
         return layers, activations, deltas, scratch, frozen, record
+
+    def bias_step_rows(self, lr):
+        """Per layer, the rows whose bias an SGD step at ``lr`` computes (``kernels.bias_step``): with lr > 0 finite,
+        below the top layer only the rows that the next layer's active connections read (every other row's
+        gradient is exactly 0, and ``bias - lr * 0.0`` keeps its bits; in SpaceNet the free neurons that the task
+        did not select), else every row. Returns a list of (k,) int64."""
+        if not (lr > 0.0 and math.isfinite(lr)):
+            return [layer.all_rows for layer in self.layers]
+        return [above.read_inputs for above in self.layers[1:]] + [self.layers[-1].all_rows]
 
     def backward(self, activations, delta_out, step):
         """Backpropagate ``delta_out`` (n_classes, batch) from the top layer down.

@@ -271,11 +271,39 @@ def test_bias_step_is_numpys(n_out, batch, seed):
     frozen = np.flatnonzero(mask == 0)
     bias[frozen[::2]] = -0.0  # a frozen bias keeps its bits: -0.0 - lr * g * 0 would be +0.0 for g < 0
     delta[frozen[1::2], 0] = np.nan  # and does not take a non-finite gradient
+    rows = np.sort(rng.choice(n_out, size=rng.integers(0, n_out + 1), replace=False)) if seed % 2 else np.arange(n_out)
     expected = bias.copy()
-    changed = np.flatnonzero(mask)  # Learner.sgd_update's bias step
+    changed = np.intersect1d(np.flatnonzero(mask), rows)  # Learner.sgd_update's bias step, on the rows given
     expected[changed] -= lr * delta.reshape(n_out, -1).sum(axis=1)[changed] * mask[changed]
-    kernels.bias_step(delta, np.float32(lr), mask, bias, np.empty(batch, np.float32))
+    kernels.bias_step(delta, np.float32(lr), mask, bias, np.empty(batch, np.float32), rows)
     assert np.array_equal(bias.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("lr", [0.2, -0.2, np.inf])
+def test_the_bias_step_skips_only_rows_whose_step_keeps_their_bits(lr):
+    """The fused step leaves out the bias rows that no active connection of the next layer reads (their gradient
+    is exactly 0) only for lr > 0 finite: there ``bias - lr * 0.0`` is ``bias``; at lr < 0 a -0.0 bias becomes
+    +0.0 and at lr = inf every bias becomes NaN, as in the per-layer path, so every row is stepped."""
+    rng = np.random.default_rng(7)
+    model = random_mlp(rng, 8, [6, 5], 4, 0.5)
+    slots = np.arange(model.layers[0].out_index.n_slots)
+    unread = np.setdiff1d(slots, model.layers[1].indices)
+    if unread.size == 0:  # make one: the first hidden neuron feeds nothing
+        model.layers[1].remove_connections(np.flatnonzero(model.layers[1].indices == 0))
+        unread = np.array([0])
+    model.layers[0].bias[unread] = -0.0
+    learner = random_learner(rng, model, lr, masked=False)
+    learner.bias_trainable[0][:] = 1.0
+    model.update_active_rows()
+    skipped = np.setdiff1d(slots, model.bias_step_rows(lr)[0])
+    assert (skipped.size > 0) == (lr > 0 and np.isfinite(lr))
+    layered = copy.deepcopy(learner)
+    batches = [random_batch(rng, learner, 5)]
+    with kernel_softmax_everywhere(), np.errstate(invalid="ignore", over="ignore"):
+        run_steps(learner, batches, True)
+        run_steps(layered, batches, False)
+    for a, b in zip(state(learner.model), state(layered.model)):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 # ----- when the fused path runs -----
