@@ -4,7 +4,7 @@ An epoch's whole batches train in one ``kernels.mlp_train_batches`` call, which 
 runs one CLI seed in-process (``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED, "--quiet",
 "--out", TMP])``, the paper configuration) and keeps a copy of what every epoch's call of whole batches is given,
 taken just before the call (the training images are not copied: the copy refers to the run's array). Then each
-recorded epoch is replayed, in alternating rounds, three ways:
+recorded epoch is replayed, in alternating rounds, four ways:
 
 - *whole*: ``mlp_train_batches`` on a fresh copy of the recorded arguments, as the run called it;
 - *parts*: the same batches through the same compiled kernels, one timed Python call each, in the order of
@@ -184,7 +184,7 @@ def every_bias_row(args):
     return (tuple(layer[:15] + (np.arange(layer[4].shape[0]),) for layer in args[0]),) + args[1:]
 
 
-VARIANTS = {"whole": lambda call: fresh(call), "by row": lambda call: by_row(fresh(call)),
+VARIANTS = {"whole": fresh, "by row": lambda call: by_row(fresh(call)),
             "every bias row": lambda call: every_bias_row(fresh(call))}
 
 
