@@ -376,7 +376,7 @@ class SpaceNet(Learner):
         if top.size < count:  # too few fresh positions: regrow the best just-dropped ones
             refill = np.setdiff1d(occupied, SpaceNet._occupied(layer, rows, cols), assume_unique=True)
             score = a_out[refill // cols.size] * a_in[refill % cols.size]
-            top = np.concatenate([top, refill[np.argsort(-score, kind="stable")[:count - top.size]]])
+            top = np.concatenate([top, refill[smallest_first(-score, count - top.size)]])
         layer.add_connections(rows[top // cols.size], cols[top % cols.size],
                               np.zeros(layer.weight_shape(count), np.float32), task)
 
@@ -387,8 +387,8 @@ class SpaceNet(Learner):
         importance = self.task_importance(state)
         for h, position in enumerate(self.model.hidden_positions):
             selected = self.targets(state, position=position)
-            order = np.argsort(-importance[position][selected], kind="stable")
-            self.model.neurons[position].reserve(selected[order[:self.config.reserved_neurons[h]]], state.task)
+            most = smallest_first(-importance[position][selected], self.config.reserved_neurons[h])
+            self.model.neurons[position].reserve(selected[most], state.task)
 
 
 strategy.PLAIN_STEP_METHODS["sgd_update"].add(SpaceNet.sgd_update)  # plain while official_importance is None
@@ -438,7 +438,8 @@ class OfficialImportance:
 def smallest_first(values, count):
     """The positions of the ``count`` smallest of ``values`` (n,), smallest first, equal values by position: what
     ``np.argsort(values, kind="stable")[:count]`` gives (NaN last), in O(n + count log count) instead of
-    O(n log n). Returns (min(count, n),) int64."""
+    O(n log n). Returns (min(count, n),) int64. The drop, regrowth and reservation selections all go through it
+    (the largest first as ``smallest_first(-values, count)``)."""
     count = max(0, min(count, values.size))
     if count == 0:
         return np.zeros(0, np.int64)
