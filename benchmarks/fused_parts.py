@@ -4,22 +4,19 @@ An epoch's whole batches train in one ``kernels.mlp_train_batches`` call, which 
 runs one CLI seed in-process (``spacenet_np.train.main(["--task", "split_mnist", "--seeds", SEED, "--quiet",
 "--out", TMP])``, the paper configuration) and keeps a copy of what every epoch's call of whole batches is given,
 taken just before the call (the training images are not copied: the copy refers to the run's array). Then each
-recorded epoch is replayed, in alternating rounds, four ways:
+recorded epoch is replayed, in alternating rounds, three ways:
 
 - *whole*: ``mlp_train_batches`` on a fresh copy of the recorded arguments, as the run called it;
 - *parts*: the same batches through the same compiled kernels, one timed Python call each, in the order of
   ``mlp_train_batches`` and ``mlp_train_step``: the batch's gathering (``transpose_lookup``, and its labels), per
   layer the frozen rows' copy (``copy_cached_rows``) and the forward pass (``csr_forward``, serial build), the
   loss (``softmax_cross_entropy``), then per layer from the top the input gradient (``csc_backward_input``), dL/dW
-  at the trainable connections (``weight_grad_by_input``, or ``sampled_weight_grad`` where they are not grouped),
-  SGD with Omega (``sgd_step_with_importance``) and the bias step (``bias_step``).
-
-- *by row*: ``mlp_train_batches`` with dL/dW by output row (``sampled_weight_grad``) instead of input by input
-  (``weight_grad_by_input``, the default of the epoch call), to measure what that choice gains;
+  at the trainable connections (``sampled_weight_grad``), SGD with Omega (``sgd_step_with_importance``) and the
+  bias step (``bias_step``);
 - *every bias row*: ``mlp_train_batches`` stepping the bias of every row its mask trains, instead of only the rows
   whose gradient can be nonzero (``SparseMLP.bias_step_rows``), to measure what leaving the others out gains.
 
-The parts, by-row and every-bias-row replays must end with the same weights, Omega, biases and batch losses, bit
+The parts and every-bias-row replays must end with the same weights, Omega, biases and batch losses, bit
 for bit, as the whole call (the benchmark stops otherwise). Reported per training batch: each part's time and
 share, and for the three sparse products their useful work (forward ``2 * batch * connections into the rows
 computed``, input gradient ``2 * batch * connections of the CSC view``, weight gradient ``2 * batch * trainable
@@ -130,13 +127,9 @@ def replay_parts(args, seconds):
             if l > 0:
                 timed(("input gradient", l), backward_input, L[6], L[7], L[5], L[3], deltas[l + 1], activations[l],
                       deltas[l])
-            if L[13].shape[0]:
-                timed(("weight gradient", l), kernels.weight_grad_by_input, L[13], L[14], L[9], L[5], deltas[l + 1],
-                      activations[l], grads[l])
-            else:
-                timed(("weight gradient", l), weight_grad, L[9], L[5], L[2], deltas[l + 1], activations[l], grads[l])
+            timed(("weight gradient", l), weight_grad, L[9], L[5], L[2], deltas[l + 1], activations[l], grads[l])
             timed("SGD + Omega", sgd, L[9], grads[l], lr32, L[3], L[8])
-            timed("bias step", kernels.bias_step, deltas[l + 1], lr32, L[10], L[4], sum_exp, L[15])
+            timed("bias step", kernels.bias_step, deltas[l + 1], lr32, L[10], L[4], sum_exp, L[13])
         batch_losses[t] = loss
         if not -np.inf < loss <= loss_limit:
             return t + 1
@@ -173,24 +166,17 @@ def empty_call_s(repeats=20000):
     return (time.perf_counter() - start) / repeats
 
 
-def by_row(args):
-    """``args`` with the trainable connections not grouped by input: dL/dW by ``sampled_weight_grad``."""
-    ungrouped = np.zeros(0, np.int64)
-    return (tuple(layer[:13] + (ungrouped, ungrouped) + layer[15:] for layer in args[0]),) + args[1:]
-
-
 def every_bias_row(args):
     """``args`` with the bias step computed on every row (those whose mask is 0 are still left alone)."""
-    return (tuple(layer[:15] + (np.arange(layer[4].shape[0]),) for layer in args[0]),) + args[1:]
+    return (tuple(layer[:13] + (np.arange(layer[4].shape[0]),) for layer in args[0]),) + args[1:]
 
 
-VARIANTS = {"whole": fresh, "by row": lambda call: by_row(fresh(call)),
-            "every bias row": lambda call: every_bias_row(fresh(call))}
+VARIANTS = {"whole": fresh, "every bias row": lambda call: every_bias_row(fresh(call))}
 
 
 def measure(recorded, rounds):
-    """Alternating replays of every recorded epoch: whole, whole with dL/dW by output row, whole with every bias
-    row stepped, and kernel by kernel. Returns (variant -> whole s per round, parts: key -> s per round, work:
+    """Alternating replays of every recorded epoch: whole, whole with every bias row stepped, and kernel by
+    kernel. Returns (variant -> whole s per round, parts: key -> s per round, work:
     key -> operations over all batches, batches, Python calls of the parts replay)."""
     whole = {name: [0.0] * rounds for name in VARIANTS}
     parts = defaultdict(lambda: [0.0] * rounds)
@@ -202,10 +188,9 @@ def measure(recorded, rounds):
         trained_parts = replay_parts(check_parts, defaultdict(float))
         if trained_whole != trained_parts or not same_result(check_whole, check_parts):
             raise RuntimeError("the kernel-by-kernel replay does not reproduce mlp_train_batches")
-        for name in ("by row", "every bias row"):
-            check = VARIANTS[name](call)
-            if replay_whole(check)[1] != trained_whole or not same_result(check_whole, check):
-                raise RuntimeError(f"the {name} replay does not reproduce mlp_train_batches")
+        check = VARIANTS["every bias row"](call)
+        if replay_whole(check)[1] != trained_whole or not same_result(check_whole, check):
+            raise RuntimeError("the every-bias-row replay does not reproduce mlp_train_batches")
         for key, value in useful_work(check_whole).items():
             work[key] += value * trained_whole
         batches += trained_whole
@@ -225,7 +210,7 @@ def measure(recorded, rounds):
 
 def summarize(variants, parts, work, batches, calls, empty_s):
     """Per batch medians over rounds (ms) and GFLOP/s. Returns (rows, summary dict)."""
-    whole, whole_by_row, whole_every_bias = variants["whole"], variants["by row"], variants["every bias row"]
+    whole, whole_every_bias = variants["whole"], variants["every bias row"]
     per_batch = {key: 1e3 * statistics.median(values) / batches for key, values in parts.items()}
     total_parts = 1e3 * statistics.median([sum(v[r] for v in parts.values()) for r in range(len(whole))]) / batches
     whole_ms = 1e3 * statistics.median(whole) / batches
@@ -243,8 +228,6 @@ def summarize(variants, parts, work, batches, calls, empty_s):
             rows.append({"part": label, "ms_per_batch": ms, "share_of_parts": ms / total_parts,
                          "mflop_per_batch": flop / 1e6 if flop else None, "gflops": gflops})
     summary = {"batches": batches, "whole_ms_per_batch": whole_ms, "parts_ms_per_batch": total_parts,
-               "whole_by_row_ms_per_batch": 1e3 * statistics.median(whole_by_row) / batches,
-               "rounds_by_input_faster": sum(a < b for a, b in zip(whole, whole_by_row)),
                "whole_every_bias_row_ms_per_batch": 1e3 * statistics.median(whole_every_bias) / batches,
                "rounds_bias_rows_faster": sum(a < b for a, b in zip(whole, whole_every_bias)),
                "python_calls_per_batch": calls / batches, "empty_call_us": 1e6 * empty_s,
@@ -273,10 +256,6 @@ def markdown(rows, summary, rounds, seed):
         f"- The whole call: **{s['whole_ms_per_batch']:.4f} ms per batch**; the parts add up to "
         f"{s['parts_ms_per_batch']:.4f} ms, which includes {s['python_calls_per_batch']:.0f} Python calls per batch "
         f"(an empty kernel call costs {s['empty_call_us']:.2f} us).",
-        f"- The same calls with dL/dW by output row (`sampled_weight_grad` instead of `weight_grad_by_input`, "
-        f"same bits, checked): {s['whole_by_row_ms_per_batch']:.4f} ms per batch "
-        f"({s['whole_by_row_ms_per_batch'] / s['whole_ms_per_batch']:.3f}x the default's; the default faster in "
-        f"{s['rounds_by_input_faster']} of {rounds} rounds).",
         f"- The same calls stepping the bias of every row that its mask trains (same bits, checked): "
         f"{s['whole_every_bias_row_ms_per_batch']:.4f} ms per batch "
         f"({s['whole_every_bias_row_ms_per_batch'] / s['whole_ms_per_batch']:.3f}x the default's, which leaves out "
@@ -305,7 +284,6 @@ def main(argv=None):
     print(text)
     write_results("fused_parts", {"seed": args.seed, "rounds": args.rounds, "parts": rows, "summary": summary,
                                   "whole_s_per_round": whole["whole"],
-                                  "whole_by_row_s_per_round": whole["by row"],
                                   "whole_every_bias_row_s_per_round": whole["every bias row"],
                                   "parts_s_per_round": {" / ".join(map(str, k)) if isinstance(k, tuple) else k: v
                                                         for k, v in parts.items()}},

@@ -257,10 +257,12 @@ transpose_lookup = _build(_transpose_lookup)
 # ----- the fused training step of a SparseMLP -----
 # One call per batch: forward, softmax cross-entropy, then per layer (top first) the input gradient, dL/dW at the
 # trainable connections, SGD with Omega and the bias step, in the order of ``Learner.train_step``. The sparse
-# products call the serial builds of the kernels above (``fused_step_is_serial``), so they give the
-# same bits as the per-layer path. The loss and the bias step are compiled without fastmath and reproduce NumPy's
-# float32 operations and summation order; only ``exp`` and ``log`` (libm's here, NumPy's own SIMD versions there)
-# can differ in the last bit.
+# products call the serial builds of the kernels above (``fused_step_is_serial``), so they give the same bits as
+# the per-layer path. They must be those very kernels: a fastmath dot product's summation order is the compiler's
+# choice for the CPU, so a differently written kernel for the same sums (dL/dW taken input by input, in an earlier
+# version) gave the same bits on one CPU (Zen 4) and not on another (Zen 3). The loss and the bias step are compiled
+# without fastmath and reproduce NumPy's float32 operations and summation order; only ``exp`` and ``log`` (libm's
+# here, NumPy's own SIMD versions there) can differ in the last bit.
 _EXACT = dict(cache=CACHE, nogil=True, boundscheck=False)  # no fastmath: NumPy's roundings, operation by operation
 _csr_forward_serial = csr_forward[0]
 _csc_backward_input_serial = csc_backward_input[0]
@@ -416,64 +418,19 @@ def copy_cached_rows(cached_rows, cached_values, sample_ids, out, record):
                 row[b] = cached_values[sample_ids[b], q]
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, boundscheck=False)
-def weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, grad):
-    """``sampled_weight_grad`` with the connections taken input by input: ``grad[q] = delta[rows[k]] . x[j]`` for
-    ``k = connections[q]``, where ``group_order[group_ptr[j]:group_ptr[j + 1]]`` are the positions q of the
-    connections from input j (``group_positions``).
-
-    group_ptr (n_in + 1,) int64, group_order (m,) int64, connections (m,), rows (nnz,), delta (n_out, batch),
-    x (n_in, batch), grad (m,). Four connections of one input share a pass over ``x[j]``, which is then read once
-    instead of once per output row (the first layer's x, 784 x 128 floats, does not fit the L1 cache): a split
-    MNIST seed's epoch calls 2 % faster (benchmarks/fused_parts.py). Each dot product sums in the same order as in
-    ``sampled_weight_grad``: the same bits (tests). The loops are written out as there: a shared helper returning
-    the four sums kept the bits but made both kernels 2.3x slower.
-    """
-    batch = x.shape[1]
-    for j in range(group_ptr.shape[0] - 1):
-        p, end, xj = group_ptr[j], group_ptr[j + 1], x[j]
-        while p + 4 <= end:
-            q0, q1, q2, q3 = group_order[p], group_order[p + 1], group_order[p + 2], group_order[p + 3]
-            d0, d1 = delta[rows[connections[q0]]], delta[rows[connections[q1]]]
-            d2, d3 = delta[rows[connections[q2]]], delta[rows[connections[q3]]]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for b in range(batch):
-                s0 += d0[b] * xj[b]
-                s1 += d1[b] * xj[b]
-                s2 += d2[b] * xj[b]
-                s3 += d3[b] * xj[b]
-            grad[q0], grad[q1], grad[q2], grad[q3] = s0, s1, s2, s3
-            p += 4
-        while p < end:
-            q = group_order[p]
-            d = delta[rows[connections[q]]]
-            s = np.float32(0.0)
-            for b in range(batch):
-                s += d[b] * xj[b]
-            grad[q] = s
-            p += 1
-
-
-def group_positions(connections, indices, n_in):
-    """The positions of ``connections`` (m,) grouped by input slot ``indices[connections]`` (stable), for
-    ``weight_grad_by_input``. Returns (group_ptr (n_in + 1,) int64, group_order (m,) int64)."""
-    return group_by_input(np.arange(connections.shape[0], dtype=np.int64), indices[connections], n_in)
-
-
 @numba.njit(**_EXACT)
 def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, lr, sum_exp, losses, sample_ids,
                    record):
     """One SGD step of a ``SparseMLP`` on a batch, as ``Learner.train_step`` does it. Returns the loss (float32).
 
     ``layers[l]``: (compute_rows, indptr, indices, weights, bias, rows, col_ptr, col_order, importance,
-    connections, bias_mask, cached_rows, cached_values, group_ptr, group_order, bias_rows) of layer l: the rows to
+    connections, bias_mask, cached_rows, cached_values, bias_rows) of layer l: the rows to
     compute (the active rows, or ``FrozenOutputs.compute_rows``), the arrays of ``SparseLinear`` (the CSR over output
     slots, its CSC view restricted to active rows, Omega), the trainable connection ids (m_l,) int64, the bias mask
     (out slots,) float32, the rows whose outputs are copied, (r_l,) int64, from cached_values (n, r_l) float32 at
     ``sample_ids`` (batch,) int64, or with ``record`` (then every row is among the compute rows) into it after
-    they are computed (``FrozenOutputs``; without it r_l = 0 and (0, 0) arrays), and the trainable connections'
-    positions grouped by input (``group_positions``: dL/dW by ``weight_grad_by_input``), or two (0,) int64 arrays
-    (dL/dW by ``sampled_weight_grad``, same bits), and the rows whose bias step is computed (k,) int64: every
+    they are computed (``FrozenOutputs``; without it r_l = 0 and (0, 0) arrays), and the rows whose bias step
+    is computed (k,) int64: every
     row, or with lr > 0 finite only the rows whose delta can be nonzero (below the top layer, those that an active
     connection of the next layer reads: the input gradient writes exact zeros for the others, and ``bias - lr *
     0.0`` is ``bias``, bit for bit; ``SparseMLP.bias_step_rows``).
@@ -502,14 +459,11 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
     loss = softmax_cross_entropy(activations[n], labels, masked, classes, deltas[n], sum_exp, losses)
     for l in range(n - 1, -1, -1):
         _, _, indices, weights, bias, rows, col_ptr, col_order, importance, connections, bias_mask = layers[l][:11]
-        group_ptr, group_order, bias_rows = layers[l][13:16]
+        bias_rows = layers[l][13]
         delta, x = deltas[l + 1], activations[l]
         if l > 0:
             _csc_backward_input_serial(col_ptr, col_order, rows, weights, delta, x, deltas[l])
-        if group_ptr.shape[0]:
-            weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, grads[l])
-        else:
-            _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
+        _sampled_weight_grad_serial(connections, rows, indices, delta, x, grads[l])
         _sgd_step_serial(connections, grads[l], lr32, weights, importance)
         bias_step(delta, lr32, bias_mask, bias, sum_exp, bias_rows)
     return loss

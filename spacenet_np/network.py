@@ -276,7 +276,7 @@ class SparseMLP(SparseNetwork):
             raise ValueError(f"train_batches takes whole batches of {batch} and one label per image, got "
                              f"{order.shape[0]} ids, {images.shape[0]} images and {labels.shape[0]} labels")
         layers, activations, deltas, scratch, frozen, record = self._step_arguments(
-            batch, lr, trainable, bias_masks, frozen, grouped=order.shape[0] > batch)
+            batch, lr, trainable, bias_masks, frozen)
         activations[0] = x
         masked = classes is not None
         batch_losses = np.empty(order.shape[0] // batch, np.float32)
@@ -290,12 +290,10 @@ class SparseMLP(SparseNetwork):
             frozen.recorded += trained * batch
         return batch_losses[:trained]
 
-    def _step_arguments(self, batch, lr, trainable, bias_masks, frozen, grouped=False):
+    def _step_arguments(self, batch, lr, trainable, bias_masks, frozen):
         """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples at learning rate ``lr``: (its
         per-layer tuples, the activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if
-        it holds else None, whether the step records frozen outputs). With ``grouped``, the tuples hold the
-        trainable connections grouped by input (``kernels.group_positions``: its O(connections + inputs) pays over
-        several batches, not for one)."""
+        it holds else None, whether the step records frozen outputs)."""
         self.update_active_rows()
         activations, deltas = self.buffers(batch)
         scratch = self.step_buffers(batch, trainable)
@@ -308,14 +306,10 @@ class SparseMLP(SparseNetwork):
             record, cached, values = frozen.recording, frozen.cached_rows, frozen.values
         copying = frozen is not None and not record
         compute = frozen.compute_rows if copying else [layer.active_rows for layer in self.layers]
-        groups = ([kernels.group_positions(connections, layer.indices, layer.in_index.n_slots)
-                   for layer, connections in zip(self.layers, trainable)] if grouped else [(_NO_ROWS, _NO_ROWS)] * n)
         layers = tuple((rows, layer.indptr, layer.indices, layer.weights, layer.bias, layer.rows, layer.col_ptr,
-                        layer.col_order, layer.importance, connections, mask, cached_rows, cached_values, *group,
-                        bias_rows)
-                       for layer, rows, connections, mask, cached_rows, cached_values, group, bias_rows
-                       in zip(self.layers, compute, trainable, bias_masks, cached, values, groups,
-                              self.bias_step_rows(lr)))
+                        layer.col_order, layer.importance, connections, mask, cached_rows, cached_values, bias_rows)
+                       for layer, rows, connections, mask, cached_rows, cached_values, bias_rows
+                       in zip(self.layers, compute, trainable, bias_masks, cached, values, self.bias_step_rows(lr)))
         return layers, activations, deltas, scratch, frozen, record
 
     def bias_step_rows(self, lr):

@@ -1,7 +1,4 @@
 """The Numba kernels, serial and parallel builds, against dense NumPy references on random sparse matrices."""
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numba
@@ -263,74 +260,6 @@ def test_sampled_weight_grad_on_unsorted_connections_with_repeated_rows(build, p
 
     expected = sampled_grad_reference(connections, rows, W.indices, delta, x)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
-
-
-# ----- weight_grad_by_input (the fused epoch call's dL/dW) -----
-@settings(max_examples=40, deadline=None)
-@given(shape=st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 200)), density=densities,
-       fraction=st.floats(0.0, 1.0), seed=seeds)
-def test_weight_grad_by_input_is_the_sampled_weight_grad_bit_for_bit(shape, density, fraction, seed):
-    """Against float64 NumPy, and the same bits as ``sampled_weight_grad`` (the fused epoch call relies on it)."""
-    W, rows, connections, delta, x = weight_grad_problem(shape, density, fraction, seed)
-    group_ptr, group_order = kernels.group_positions(connections, W.indices, W.shape[1])
-    grad = np.full(connections.size, np.nan, dtype=np.float32)
-
-    kernels.weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, grad)
-
-    assert_weight_grad(grad, W, rows, connections, delta, x)
-    by_row = np.full(connections.size, np.nan, dtype=np.float32)
-    kernels.sampled_weight_grad[0](connections, rows, W.indices, delta, x, by_row)
-    assert np.array_equal(grad.view(np.uint32), by_row.view(np.uint32))
-
-
-@SETTINGS
-@given(nnz=st.integers(0, 300), n_in=st.integers(1, 40), seed=seeds)
-def test_group_positions_groups_positions_by_input_stably(nnz, n_in, seed):
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, n_in, size=nnz).astype(np.int32)
-    connections = rng.permutation(nnz)[:rng.integers(0, nnz + 1)].astype(np.int64)
-    group_ptr, group_order = kernels.group_positions(connections, indices, n_in)
-    np.testing.assert_array_equal(group_order, np.argsort(indices[connections], kind="stable"))
-    np.testing.assert_array_equal(group_ptr, np.r_[0, np.cumsum(np.bincount(indices[connections], minlength=n_in))])
-
-
-AVX2_BITS_SCRIPT = """
-import numpy as np, scipy.sparse
-from spacenet_np import kernels
-rng = np.random.default_rng(7)
-for t in range(30):
-    n_out, n_in = rng.integers(1, 300), rng.integers(1, 800)
-    batch = int(rng.choice([1, 3, 16, 31, 100, 128, 200]))
-    W = scipy.sparse.random(n_out, n_in, density=rng.uniform(0.005, 0.3), format="csr", dtype=np.float32,
-                            random_state=rng)
-    W.sort_indices()
-    rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
-    connections = np.sort(rng.permutation(W.nnz)[:int(rng.uniform(0, 1) * W.nnz)]).astype(np.int64)
-    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
-    x = rng.normal(size=(n_in, batch)).astype(np.float32)
-    by_row, by_input = np.empty(connections.size, np.float32), np.empty(connections.size, np.float32)
-    kernels.sampled_weight_grad[0](connections, rows, W.indices, delta, x, by_row)
-    group_ptr, group_order = kernels.group_positions(connections, W.indices, n_in)
-    kernels.weight_grad_by_input(group_ptr, group_order, connections, rows, delta, x, by_input)
-    assert np.array_equal(by_row.view(np.uint32), by_input.view(np.uint32)), t
-"""
-
-
-def host_runs_avx2():
-    import llvmlite.binding
-    features = llvmlite.binding.get_host_cpu_features()
-    return bool(features.get("avx2")) and bool(features.get("fma"))
-
-
-@pytest.mark.skipif(not host_runs_avx2(), reason="an AVX2 build needs an x86 CPU with AVX2 and FMA to run")
-def test_weight_grad_by_input_keeps_the_bits_when_compiled_for_avx2(tmp_path):
-    """With 16 vector registers instead of 32 the compiler may interleave a loop of four sums less than a loop of
-    one; the two dL/dW kernels group connections differently, so their bits must agree there too (a --quiet run
-    and one with a progress bar take different kernels)."""
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", AVX2_BITS_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ----- sgd_step_with_importance -----
