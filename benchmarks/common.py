@@ -277,8 +277,12 @@ def limit_threads(threads):
 
 
 def child_env():
-    """Environment for children: the current one, with the repository importable and Python unbuffered."""
+    """Environment for children: the current one, with the repository importable, Python unbuffered, and bytecode
+    cached as a default Python caches it (``PYTHONDONTWRITEBYTECODE`` removed). Where it is set, an editable install
+    has no ``.pyc`` files, so every child would compile the package's sources again (0.1-0.14 s, measured here),
+    which a user's installation does once."""
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env

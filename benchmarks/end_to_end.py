@@ -188,7 +188,9 @@ def markdown(runs, summary, ratios, agreement, hidden, threads):
         "*s / epoch* includes the epoch's rewiring; *CPU s* is user + system time of the child; *other work* is "
         "the average number of cores that other processes on the machine kept busy during the run (from "
         "/proc/stat), a measure of contention. "
-        + f"Threads: {threads}. The dense reference process also imports Numba (through `spacenet_np.streams`).",
+        + f"Threads: {threads}. The dense reference process also imports Numba (through `spacenet_np.streams`). "
+        "Both cache their bytecode as a default Python does (`PYTHONDONTWRITEBYTECODE` is removed for the children; "
+        "the warm-up runs write the `.pyc` files).",
         "",
         "## Summary (mean ± std over seeds)",
         "",
