@@ -47,6 +47,16 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def compiled_for():
+    """The CPU that Numba compiles for here, as LLVM names it (``znver3``, ``znver4``, ...), and the per-core L2
+    size from sysfs: two machines of one model name can differ in both, and the kernels' speeds (and their last
+    bits: fastmath sums in the order the compiler picks for the CPU) with them. Returns a short string."""
+    import llvmlite.binding
+    name = os.environ.get("NUMBA_CPU_NAME") or llvmlite.binding.get_host_cpu_name()  # set: Numba compiles for it
+    l2 = _read("/sys/devices/system/cpu/cpu0/cache/index2/size").strip()
+    return f"{name}, L2 {l2} per core" if l2 else name
+
+
 def ram_bytes():
     """Total RAM from /proc/meminfo, in bytes (None if unknown)."""
     for line in _read("/proc/meminfo").splitlines():
@@ -97,6 +107,7 @@ def machine_info():
         affinity = os.cpu_count()
     return {
         "cpu_model": cpu_model(),
+        "compiled_for": compiled_for(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "ram_gb": round((ram_bytes() or 0) / 2**30, 1),
@@ -117,7 +128,8 @@ def machine_info():
 
 def machine_line(machine):
     """One Markdown line describing the machine."""
-    return (f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} cores, {machine['ram_gb']} GB RAM; "
+    compiled = f" ({machine['compiled_for']})" if machine.get("compiled_for") else ""
+    return (f"Machine: {machine['cpu_model']}{compiled}, {machine['usable_cpus']} cores, {machine['ram_gb']} GB RAM; "
             f"Python {machine['python']}, NumPy {machine['numpy']} ({machine['blas']}), SciPy {machine['scipy']}, "
             f"Numba {machine['numba']}; threads: "
             + (", ".join(f"{k}={v}" for k, v in machine["thread_limits"].items()) or "library defaults")
