@@ -194,18 +194,21 @@ def stream_options(args):
 
 # ----- progress -----
 class Progress:
-    """A tqdm bar per epoch (images/s and the epoch's ETA) and a line per task; silent when ``quiet``."""
+    """A tqdm bar per epoch (images/s and the epoch's ETA) when stderr is a terminal, and a line per task; silent
+    when ``quiet``. Without a terminal (a log file, a pipe, a cluster job) there is no bar: a closed bar left only a
+    line at 0 % per epoch in the log, and without a bar an epoch trains in one kernel call (the same numbers)."""
 
     def __init__(self, quiet, n_tasks, epochs):
         self.quiet, self.n_tasks, self.epochs = quiet, n_tasks, epochs
+        self.bars = not quiet and sys.stderr is not None and sys.stderr.isatty()
         self.bar = None
 
     @property
     def shows_batches(self):
-        return not self.quiet
+        return self.bars
 
     def start_epoch(self, task, epoch, n_images):
-        if self.quiet:
+        if not self.bars:
             return
         from tqdm import tqdm
         self.bar = tqdm(total=n_images, desc=f"task {task + 1}/{self.n_tasks} epoch {epoch + 1}/{self.epochs}",

@@ -1,4 +1,5 @@
 """The command line on a tiny generated MNIST: results.json, determinism, refusals, divergence."""
+import io
 import json
 
 import numpy as np
@@ -130,3 +131,34 @@ def test_one_value_of_a_per_layer_flag_applies_to_every_layer(data_dir, tmp_path
     assert run_cli(data_dir, tmp_path / "out", "--selected", "12", "--reserved", "3") == 0
     config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
     assert config["selected_neurons"] == [12, 12] and config["reserved_neurons"] == [3, 3]
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, and keeps what is written to it."""
+
+    def isatty(self):
+        return True
+
+
+def test_bars_only_on_a_terminal_with_the_same_numbers_either_way(data_dir, tmp_path, capsys, monkeypatch):
+    """Without a terminal a run prints its task lines and no bars (an epoch then trains in one kernel call); on a
+    terminal every epoch gets a bar fed batch by batch. Both give the numbers of a --quiet run."""
+    shown = [arg for arg in SMALL if arg != "--quiet"]
+    main = ["--task", "split_mnist", "--data-dir", str(data_dir), *shown]
+    batches, report_batch = [], train.Progress.batch
+    monkeypatch.setattr(train.Progress, "batch", lambda self, *a: (batches.append(a), report_batch(self, *a)))
+    assert train.main([*main, "--out", str(tmp_path / "log")]) == 0
+    out, err = capsys.readouterr()
+    assert "task 5/5 classes [8, 9]" in out
+    assert "img/s" not in err and "epoch 1/2" not in err and not batches
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert train.main([*main, "--out", str(tmp_path / "tty")]) == 0
+    assert "task 5/5 epoch 2/2" in terminal.getvalue() and "img" in terminal.getvalue()
+    assert len(batches) == 5 * 2 * 3  # 5 tasks x 2 epochs x 3 batches of 16 (40 training images a task)
+
+    assert run_cli(data_dir, tmp_path / "quiet") == 0
+    matrices = [json.loads((tmp_path / name / "results.json").read_text())["runs"][0]["accuracy_matrix"]
+                for name in ("log", "tty", "quiet")]
+    assert matrices[0] == matrices[1] == matrices[2]
