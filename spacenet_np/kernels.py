@@ -430,10 +430,9 @@ def mlp_train_step(layers, activations, deltas, grads, labels, masked, classes, 
     (out slots,) float32, the rows whose outputs are copied, (r_l,) int64, from cached_values (n, r_l) float32 at
     ``sample_ids`` (batch,) int64, or with ``record`` (then every row is among the compute rows) into it after
     they are computed (``FrozenOutputs``; without it r_l = 0 and (0, 0) arrays), and the rows whose bias step
-    is computed (k,) int64: every
-    row, or with lr > 0 finite only the rows whose delta can be nonzero (below the top layer, those that an active
-    connection of the next layer reads: the input gradient writes exact zeros for the others, and ``bias - lr *
-    0.0`` is ``bias``, bit for bit; ``SparseMLP.bias_step_rows``).
+    is computed (k,) int64: every row, or with lr > 0 finite only the rows whose delta can be nonzero (below the
+    top layer, those that an active connection of the next layer reads: the input gradient writes exact zeros for
+    the others, and ``bias - lr * 0.0`` is ``bias``, bit for bit; ``SparseMLP.bias_step_rows``).
     activations[0] (n_features, batch) is the input, activations[l + 1] (slots, batch) layer l's output (ReLU
     for hidden layers; only active rows are written); deltas[l] (slots, batch) receives the gradient at
     activations[l] (l >= 1; deltas[-1] the logits'); grads[l] (m_l,) float32 receives dL/dW. labels, masked,

@@ -541,9 +541,8 @@ def test_train_batches_refuses_ids_it_cannot_train_on_by_name():
 
 
 def test_batches_in_one_call_allocate_nothing_per_batch():
-    """What tracemalloc sees is the call's few small arrays (losses, labels, the trainable connections grouped by
-    input) and Python objects, under 8 KB for 2 or 14 batches of a 3000-wide network (one activation array would be
-    3 MB)."""
+    """What tracemalloc sees is the call's few small arrays (losses, labels) and Python objects, under 8 KB for 2
+    or 14 batches of a 3000-wide network (one activation array would be 3 MB)."""
     peaks = []
     for n_batches in (2, 14):
         learner, images, labels = trained_learner_and_batch(width=3000, batch=16)
