@@ -128,8 +128,8 @@ def machine_info():
 
 def machine_line(machine):
     """One Markdown line describing the machine."""
-    compiled = f" ({machine['compiled_for']})" if machine.get("compiled_for") else ""
-    return (f"Machine: {machine['cpu_model']}{compiled}, {machine['usable_cpus']} cores, {machine['ram_gb']} GB RAM; "
+    return (f"Machine: {machine['cpu_model']} ({machine['compiled_for']}), {machine['usable_cpus']} cores, "
+            f"{machine['ram_gb']} GB RAM; "
             f"Python {machine['python']}, NumPy {machine['numpy']} ({machine['blas']}), SciPy {machine['scipy']}, "
             f"Numba {machine['numba']}; threads: "
             + (", ".join(f"{k}={v}" for k, v in machine["thread_limits"].items()) or "library defaults")

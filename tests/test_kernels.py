@@ -193,29 +193,18 @@ def test_csc_backward_input_with_active_rows_view(build, shape, density, seed):
 @SETTINGS
 @given(shape=shapes, density=densities, fraction=st.floats(0.0, 1.0), seed=seeds)
 def test_sampled_weight_grad_at_live_positions(build, shape, density, fraction, seed):
-    W, rows, connections, delta, x = weight_grad_problem(shape, density, fraction, seed)
-    grad = np.full(connections.size, np.nan, dtype=np.float32)
-
-    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
-
-    assert_weight_grad(grad, W, rows, connections, delta, x)
-
-
-def weight_grad_problem(shape, density, fraction, seed):
-    """A random layer, its rows, a random subset of its connections (shuffled), a delta and an input."""
     n_out, n_in, batch = shape
     rng = np.random.default_rng(seed)
     W = random_csr(rng, n_out, n_in, density)
     rows = np.repeat(np.arange(n_out), np.diff(W.indptr)).astype(np.int32)
-    connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)
+    connections = rng.permutation(W.nnz)[:int(round(fraction * W.nnz))].astype(np.int64)  # a shuffled subset
     delta = rng.normal(size=(n_out, batch)).astype(np.float32)
     x = rng.normal(size=(n_in, batch)).astype(np.float32)
-    return W, rows, connections, delta, x
+    grad = np.full(connections.size, np.nan, dtype=np.float32)
 
+    kernels.sampled_weight_grad[build](connections, rows, W.indices, delta, x, grad)
 
-def assert_weight_grad(grad, W, rows, connections, delta, x):
-    """``grad`` against the float64 dense product at the connections, within float32 rounding."""
-    full = delta.astype(np.float64) @ x.astype(np.float64).T
+    full = delta.astype(np.float64) @ x.astype(np.float64).T  # within float32 rounding of the dense product
     expected = full[rows[connections], W.indices[connections]]
     scale = (np.abs(delta) @ np.abs(x).T)[rows[connections], W.indices[connections]]
     assert np.all(np.abs(grad - expected) <= RTOL * scale + ATOL)
