@@ -188,7 +188,7 @@ def measure(recorded, rounds):
         trained_parts = replay_parts(check_parts, defaultdict(float))
         if trained_whole != trained_parts or not same_result(check_whole, check_parts):
             raise RuntimeError("the kernel-by-kernel replay does not reproduce mlp_train_batches")
-        for name in VARIANTS:
+        for name in [name for name in VARIANTS if name != "whole"]:  # whole is check_whole itself
             check = VARIANTS[name](call)
             if replay_whole(check)[1] != trained_whole or not same_result(check_whole, check):
                 raise RuntimeError(f"the {name} replay does not reproduce mlp_train_batches")
