@@ -17,6 +17,7 @@ import pytest
 
 CLAIMS = [
     "tests/test_fused_step.py::test_spacenet_run_is_bit_identical_both_ways_with_the_same_softmax",
+    "tests/test_fused_step.py::test_the_three_paths_give_the_same_bits_at_split_mnist_shapes",
     "tests/test_fused_step.py::test_batches_in_one_call_give_the_bits_of_one_call_per_batch",
     "tests/test_fused_step.py::test_a_diverging_loss_stops_both_ways_at_the_same_batch",
     "tests/test_frozen.py::test_copying_frozen_outputs_gives_the_same_bits",
