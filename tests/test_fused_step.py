@@ -493,11 +493,10 @@ def test_the_three_paths_give_the_same_bits_at_split_mnist_shapes():
     10,000 first-layer weight gradients, in an unmerged change). The epoch call, one fused call per batch and the
     per-layer path (with the kernel's softmax) end two tasks with the same weights, Omega and biases."""
     images, labels = make_blobs(4, 784, 300, seed=6, spread=40.0)
-    paths = {"epoch call": {}, "per batch": {"fused_batches": False}, "per layer": {"fused_step": False}}
+    config = SpaceNetConfig(connections_per_task=(8000, 3000, 120), selected_neurons=(80, 80),
+                            reserved_neurons=(40, 40), rewire_ratio=0.2, epochs=2, batch_size=128, lr=0.05)
     states = []
-    for switches in paths.values():
-        config = SpaceNetConfig(connections_per_task=(8000, 3000, 120), selected_neurons=(80, 80),
-                                reserved_neurons=(40, 40), rewire_ratio=0.2, epochs=2, batch_size=128, lr=0.05)
+    for switches in ({}, {"fused_batches": False}, {"fused_step": False}):  # epoch call, per batch, per layer
         learner = SpaceNet(SparseMLP(784, [400, 400], 10), config, seed=3, input_mean=0.5, input_std=0.3)
         for name, value in switches.items():
             setattr(learner, name, value)
