@@ -7,7 +7,7 @@ A neuron without a slot has no connections and a zero bias, so it outputs ReLU(0
 import numpy as np
 import scipy.sparse
 
-from . import kernels
+from . import buffers, kernels
 
 FREE = -1  # ``reserved_by`` value of a free neuron
 
@@ -358,7 +358,7 @@ class SparseConv2d(SparseLinear):
     def _workspace(self, name, shape):
         """A float32 buffer kept between batches (no page faults on every call)."""
         if name not in self._buffers or self._buffers[name].shape != shape:
-            self._buffers[name] = np.empty(shape, np.float32)
+            self._buffers[name] = buffers.aligned_empty(shape)
         return self._buffers[name]
 
     def backward_input(self, delta, input_activation, out):

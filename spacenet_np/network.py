@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from . import kernels
+from . import buffers, kernels
 from .layers import NeuronIndex, SparseConv2d, SparseLinear
 
 
@@ -164,9 +164,9 @@ class SparseMLP(SparseNetwork):
             if len(self._buffers) > 2:  # the training batch, an epoch's last batch, the evaluation batch
                 self._buffers.clear()
             # zeros: rows outside the active cone are read (times a zero gradient) but never written
-            found = self._buffers[batch] = [[np.zeros((s, batch), np.float32) for s in shapes], None]
+            found = self._buffers[batch] = [[buffers.aligned_zeros((s, batch)) for s in shapes], None]
         if deltas and found[1] is None:
-            found[1] = [np.zeros((s, batch), np.float32) for s in shapes]
+            found[1] = [buffers.aligned_zeros((s, batch)) for s in shapes]
         return found
 
     def update_active_rows(self):
@@ -413,12 +413,11 @@ class SparseCNN(SparseNetwork):
                 self._buffers.clear()
             outputs, argmax, grads, pooled_inputs = [], [], [], []
             for in_shape, out_shape, pre in self._shapes(batch):
-                outputs.append(np.empty(out_shape, np.float32))
+                outputs.append(buffers.aligned_empty(out_shape))
                 pooled = None if pre is None else (pre[0], pre[1] // 2, pre[2] // 2, batch)
-                argmax.append(None if pre is None else np.empty(pooled, np.uint8))
-                pooled_inputs.append(None if pre is None else np.empty(pooled, np.float32))
-                grads.append((np.empty(in_shape, np.float32),
-                              None if pre is None else np.empty(pre, np.float32)))
+                argmax.append(None if pre is None else buffers.aligned_empty(pooled, np.uint8))
+                pooled_inputs.append(None if pre is None else buffers.aligned_empty(pooled))
+                grads.append((buffers.aligned_empty(in_shape), None if pre is None else buffers.aligned_empty(pre)))
             self._buffers[batch] = outputs, argmax, grads, pooled_inputs
         return self._buffers[batch]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .buffers import aligned_empty
 from .frozen import FrozenOutputs
 from .layers import SparseLinear
 from .network import SparseMLP, SparseNetwork, input_lookup, softmax_cross_entropy, standardize_batch
@@ -228,7 +229,7 @@ class Learner:
         if key not in buffers:
             if len(buffers) > 2:
                 buffers.clear()
-            buffers[key] = np.empty(key, np.float32)
+            buffers[key] = aligned_empty(key)
         return buffers[key]
 
     def frozen_outputs(self, images, x, labels):
@@ -450,7 +451,7 @@ def predict(model, images, mean, std, batch_size=1000):
     predictions = np.empty(images.shape[0], dtype=np.int64)
     pixels = images.dtype == np.uint8
     if pixels:  # one array for every batch's standardized inputs
-        inputs = np.empty(model.n_features * min(batch_size, images.shape[0]), np.float32)
+        inputs = aligned_empty(model.n_features * min(batch_size, images.shape[0]))
     for start in range(0, images.shape[0], batch_size):
         ids = np.arange(start, min(start + batch_size, images.shape[0]))
         if pixels:

@@ -100,3 +100,49 @@ def test_a_bad_prediction_batch_is_refused_by_name(batch_size):
     learner, images = cnn_learner_after_one_task()
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         learner.predict(images, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), np.float32), ((2, 4, 4, 7), np.uint8), ((1, 128), np.float32),
+                                          ((1 << 18,), np.float64)])
+def test_aligned_arrays_start_on_a_cache_line(shape, dtype):
+    from spacenet_np.buffers import ALIGNMENT, aligned_empty, aligned_zeros
+    for make in (aligned_empty, aligned_zeros):
+        array = make(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+        assert array.ctypes.data % ALIGNMENT == 0
+    assert not aligned_zeros(shape, dtype).any()
+
+
+def test_large_aligned_arrays_land_at_different_page_offsets():
+    """NumPy's large arrays all start at the same page offset; these are staggered (no 4K aliasing between a
+    kernel's input and output arrays)."""
+    from spacenet_np.buffers import aligned_empty
+    offsets = [aligned_empty((64, 4096)).ctypes.data % 4096 for _ in range(4)]
+    assert len(set(offsets)) == 4
+
+
+def cnn_training_bits(monkeypatch, placement):
+    """The weights, Omega and biases after one task of a small CNN learner, its arrays placed by ``placement``."""
+    from spacenet_np import buffers, strategy
+    monkeypatch.setattr(buffers, "aligned_empty", placement)
+    monkeypatch.setattr(strategy, "aligned_empty", placement)
+    learner, _ = cnn_learner_after_one_task()
+    outputs = learner.model.buffers(learner.config.batch_size)[0]
+    return ({a.ctypes.data % 64 for a in outputs},
+            [a for layer in learner.model.layers for a in (layer.weights, layer.importance, layer.bias)])
+
+
+def test_training_gives_the_same_bits_wherever_the_arrays_are(monkeypatch):
+    """Aligned arrays only change speed: on arrays 16 bytes past a cache line (NumPy's usual start) a CNN learner
+    trains to the same bits."""
+    from spacenet_np.buffers import aligned_empty
+
+    def off_by_16(shape, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        raw = aligned_empty(int(np.prod(shape)) * dtype.itemsize + 16, np.uint8)
+        return raw[16:].view(dtype).reshape(shape)
+
+    starts, aligned = cnn_training_bits(monkeypatch, aligned_empty)
+    shifted_starts, shifted = cnn_training_bits(monkeypatch, off_by_16)
+    assert starts == {0} and shifted_starts == {16}
+    assert len(aligned) == len(shifted) and all(np.array_equal(a, b) for a, b in zip(aligned, shifted))
