@@ -47,6 +47,7 @@ import numpy as np
 from benchmarks.common import machine_info, md_table, reproduce_command, write_results
 from benchmarks.fused_step import run_seed
 from spacenet_np import kernels
+from spacenet_np.buffers import aligned_empty
 
 PARTS = ("gather", "frozen rows copied", "forward", "frozen rows recorded", "loss", "input gradient",
          "weight gradient", "SGD + Omega", "bias step")
@@ -79,9 +80,18 @@ def record_epochs(seed):
 
 
 def fresh(recorded_call):
+    """A copy of a recorded call's arguments, its activation and gradient arrays placed as the run's are
+    (``spacenet_np.buffers``: a deep copy would put them where NumPy does)."""
     images, args = recorded_call
     args = copy.deepcopy(args)
-    return args[:4] + (images,) + args[5:]
+    activations, deltas = (tuple(aligned_copy(a) for a in arrays) for arrays in args[1:3])
+    return (args[0], activations, deltas, args[3], images) + args[5:]
+
+
+def aligned_copy(array):
+    copied = aligned_empty(array.shape, array.dtype)
+    copied[...] = array
+    return copied
 
 
 def replay_whole(args):

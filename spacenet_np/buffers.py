@@ -2,9 +2,9 @@
 
 NumPy's large arrays start 16 bytes past a page boundary (glibc's block header), so every other 32-byte vector
 load of a kernel's row crosses a cache line, and every such array sits at the same offset from a 4 KB boundary,
-so a kernel's loads from one array and stores to another alias in the CPU's store forwarding. On a Zen 3 EPYC
-(AVX2) the convolution kernels ran 1.1-1.4x faster on 64-byte aligned arrays, each at another offset from the
-page boundary (the same bits: the arithmetic does not depend on where the arrays are).
+so a kernel's loads from one array and stores to another may alias in the CPU's store forwarding. On a Zen 3
+EPYC (AVX2) the convolution kernels ran 1.12-1.38x faster on these arrays (``benchmarks/conv_alignment.py``), with
+the same bits: the arithmetic does not depend on where the arrays are.
 """
 import itertools
 
