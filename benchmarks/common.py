@@ -288,6 +288,16 @@ def limit_threads(threads):
     return f"library defaults ({os.cpu_count()} cores for Numba and BLAS)"
 
 
+def limit_threads_from_argv(default):
+    """``limit_threads`` with the ``--threads N`` of the command line (``default`` without one), called from a
+    benchmark's ``__main__`` block before NumPy and Numba are imported. Returns the thread count."""
+    threads = default
+    if "--threads" in sys.argv[1:-1]:
+        threads = int(sys.argv[sys.argv.index("--threads") + 1])
+    limit_threads(threads)
+    return threads
+
+
 def child_env():
     """Environment for children: the current one, with the repository importable, Python unbuffered, and bytecode
     cached as a default Python caches it (``PYTHONDONTWRITEBYTECODE`` removed). Where it is set, an editable install

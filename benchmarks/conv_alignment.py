@@ -15,11 +15,8 @@ if __name__ == "__main__":
     if not __package__:  # run as a file: python benchmarks/conv_alignment.py
         from pathlib import Path
         sys.path[0] = str(Path(__file__).resolve().parent.parent)
-    from benchmarks.common import limit_threads
-    _threads = 1
-    if "--threads" in sys.argv[1:-1]:  # must be set before NumPy and Numba are imported
-        _threads = int(sys.argv[sys.argv.index("--threads") + 1])
-    limit_threads(_threads)
+    from benchmarks.common import limit_threads_from_argv
+    limit_threads_from_argv(1)  # before NumPy and Numba are imported
 
 import argparse
 import sys
@@ -28,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import machine_info, md_table, reproduce_command, time_interleaved, write_results
 from benchmarks.conv_paths import conv_shapes, random_layer
-from spacenet_np.buffers import aligned_empty
+from spacenet_np.buffers import aligned_empty, empty_at
 
 KERNELS = ("forward", "input gradient", "weight gradient")
 BATCH = 128
@@ -36,10 +33,7 @@ BATCH = 128
 
 def numpy_placed(shape):
     """A float32 array 16 bytes past a page boundary, where NumPy's large arrays start."""
-    size = int(np.prod(shape)) * 4
-    raw = np.empty(size + 2 * 4096, np.uint8)
-    start = -raw.ctypes.data % 4096 + 16
-    return raw[start:start + size].view(np.float32).reshape(shape)
+    return empty_at(shape, np.float32, 16)
 
 
 def arrays(place, values):

@@ -23,7 +23,7 @@ import argparse
 import numpy as np
 
 from benchmarks.common import machine_info, md_table, reproduce_command, time_interleaved, write_results
-from spacenet_np.buffers import aligned_empty
+from spacenet_np.buffers import aligned_copy, aligned_empty
 from spacenet_np.layers import NeuronIndex, SparseConv2d
 
 DENSITIES = (0.02, 0.05, 0.12, 0.24, 0.36, 0.48, 0.6, 0.75, 0.9, 1.0)
@@ -66,11 +66,10 @@ def step_work(layer, x, out, delta, grad_in, with_input_grad):
 def measure(width, densities, batch, rng, max_total_s):
     rows = []
     for index, (n_in, n_out, size) in enumerate(conv_shapes(width)):
-        x = aligned_empty((n_in, size, size, batch))  # as the engine's buffers (spacenet_np.buffers)
-        x[...] = np.maximum(rng.standard_normal(x.shape), 0)
+        # placed as the engine's buffers are (spacenet_np.buffers)
+        x = aligned_copy(np.maximum(rng.standard_normal((n_in, size, size, batch)), 0).astype(np.float32))
         out = aligned_empty((n_out, size, size, batch))
-        delta = aligned_empty(out.shape)
-        delta[...] = rng.standard_normal(out.shape)
+        delta = aligned_copy(rng.standard_normal(out.shape).astype(np.float32))
         grad_in = aligned_empty(x.shape)
         for density in densities:
             layer = random_layer(n_in, n_out, size, density, rng)

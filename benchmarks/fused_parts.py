@@ -47,7 +47,7 @@ import numpy as np
 from benchmarks.common import machine_info, md_table, reproduce_command, write_results
 from benchmarks.fused_step import run_seed
 from spacenet_np import kernels
-from spacenet_np.buffers import aligned_empty
+from spacenet_np.buffers import aligned_copy
 
 PARTS = ("gather", "frozen rows copied", "forward", "frozen rows recorded", "loss", "input gradient",
          "weight gradient", "SGD + Omega", "bias step")
@@ -86,12 +86,6 @@ def fresh(recorded_call):
     args = copy.deepcopy(args)
     activations, deltas = (tuple(aligned_copy(a) for a in arrays) for arrays in args[1:3])
     return (args[0], activations, deltas, args[3], images) + args[5:]
-
-
-def aligned_copy(array):
-    copied = aligned_empty(array.shape, array.dtype)
-    copied[...] = array
-    return copied
 
 
 def replay_whole(args):

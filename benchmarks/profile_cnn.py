@@ -16,11 +16,8 @@ if __name__ == "__main__":
     if not __package__:  # run as a file: python benchmarks/profile_cnn.py
         from pathlib import Path
         sys.path[0] = str(Path(__file__).resolve().parent.parent)
-    from benchmarks.common import limit_threads
-    _threads = 1
-    if "--threads" in sys.argv[1:-1]:  # must be set before NumPy and Numba are imported
-        _threads = int(sys.argv[sys.argv.index("--threads") + 1])
-    limit_threads(_threads)
+    from benchmarks.common import limit_threads_from_argv
+    limit_threads_from_argv(1)  # before NumPy and Numba are imported
 
 import argparse
 import functools

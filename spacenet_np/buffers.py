@@ -15,16 +15,19 @@ STAGGER = 1088  # bytes between the page offsets of consecutive arrays (17 cache
 _next_offset = itertools.count()
 
 
-def aligned_empty(shape, dtype=np.float32):
-    """An uninitialized C-contiguous array of ``shape`` whose data start on a cache line, at a page offset that
-    differs from the last few arrays made here. Allocated by NumPy (tracemalloc sees it); a view of a slightly
-    larger uint8 array, which it keeps alive."""
+def empty_at(shape, dtype, page_offset):
+    """An uninitialized C-contiguous array of ``shape`` whose data start ``page_offset`` bytes (0-4095) past a page
+    boundary. Allocated by NumPy (tracemalloc sees it): a view of a slightly larger uint8 array, kept alive by it."""
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    offset = next(_next_offset) * STAGGER % 4096 // ALIGNMENT * ALIGNMENT
-    raw = np.empty(size + 4096 + ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT + offset
+    raw = np.empty(size + 2 * 4096, np.uint8)
+    start = -raw.ctypes.data % 4096 + page_offset
     return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_empty(shape, dtype=np.float32):
+    """``empty_at`` a cache line, at a page offset other than those of the last 63 arrays made here."""
+    return empty_at(shape, dtype, next(_next_offset) * STAGGER % 4096 // ALIGNMENT * ALIGNMENT)
 
 
 def aligned_zeros(shape, dtype=np.float32):
@@ -32,3 +35,10 @@ def aligned_zeros(shape, dtype=np.float32):
     array = aligned_empty(shape, dtype)
     array.fill(0)
     return array
+
+
+def aligned_copy(array):
+    """``aligned_empty`` holding a copy of ``array``."""
+    copied = aligned_empty(array.shape, array.dtype)
+    copied[...] = array
+    return copied

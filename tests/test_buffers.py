@@ -135,12 +135,10 @@ def cnn_training_bits(monkeypatch, placement):
 def test_training_gives_the_same_bits_wherever_the_arrays_are(monkeypatch):
     """Aligned arrays only change speed: on arrays 16 bytes past a cache line (NumPy's usual start) a CNN learner
     trains to the same bits."""
-    from spacenet_np.buffers import aligned_empty
+    from spacenet_np.buffers import aligned_empty, empty_at
 
     def off_by_16(shape, dtype=np.float32):
-        dtype = np.dtype(dtype)
-        raw = aligned_empty(int(np.prod(shape)) * dtype.itemsize + 16, np.uint8)
-        return raw[16:].view(dtype).reshape(shape)
+        return empty_at(shape, dtype, 16)
 
     starts, aligned = cnn_training_bits(monkeypatch, aligned_empty)
     shifted_starts, shifted = cnn_training_bits(monkeypatch, off_by_16)
