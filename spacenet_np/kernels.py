@@ -43,6 +43,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
+_U = np.uint64  # unsigned indices: Numba adds no negative-index fix, which would stop vectorization
 PARALLEL_MIN_WORK = 1 << 23  # multiply-adds below which the serial build is faster on 2 cores (benchmarks/)
 
 
@@ -73,33 +74,34 @@ def _csr_forward(active_rows, indptr, indices, weights, bias, x, out, relu):
 
     active_rows (m,), indptr (n_out + 1,), indices (nnz,), weights (nnz,), bias (n_out,), x (n_in, batch),
     out (n_out, batch).
-    Four connections are added per pass over the output row, which quarters its loads and stores.
+    Four connections are added per pass over the output row, which quarters its loads and stores. Rows are
+    indexed with unsigned integers (``_U``), not taken as row views: no negative-index fix, no view per
+    connection (1.15-1.25x).
     """
-    batch = x.shape[1]
+    batch = _U(x.shape[1])
     for q in prange(active_rows.shape[0]):
-        i = active_rows[q]
-        acc = out[i]
+        i = _U(active_rows[q])
         b_i = bias[i]
         for b in range(batch):
-            acc[b] = b_i
+            out[i, b] = b_i
         k = indptr[i]
         end = indptr[i + 1]
         while k + 4 <= end:
             w0, w1, w2, w3 = weights[k], weights[k + 1], weights[k + 2], weights[k + 3]
-            x0, x1, x2, x3 = x[indices[k]], x[indices[k + 1]], x[indices[k + 2]], x[indices[k + 3]]
+            j0, j1, j2, j3 = _U(indices[k]), _U(indices[k + 1]), _U(indices[k + 2]), _U(indices[k + 3])
             for b in range(batch):
-                acc[b] += w0 * x0[b] + w1 * x1[b] + w2 * x2[b] + w3 * x3[b]
+                out[i, b] += w0 * x[j0, b] + w1 * x[j1, b] + w2 * x[j2, b] + w3 * x[j3, b]
             k += 4
         while k < end:
             w = weights[k]
-            xj = x[indices[k]]
+            j = _U(indices[k])
             for b in range(batch):
-                acc[b] += w * xj[b]
+                out[i, b] += w * x[j, b]
             k += 1
         if relu:
             for b in range(batch):
-                if acc[b] < 0.0:
-                    acc[b] = 0.0
+                if out[i, b] < 0.0:
+                    out[i, b] = 0.0
 
 
 def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, out):
@@ -108,49 +110,48 @@ def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, ou
     col_ptr (n_in + 1,), col_order (nnz,) connection ids grouped by input neuron, rows (nnz,), weights (nnz,),
     delta (n_out, batch), activation (n_in, batch) the ReLU output of the input layer, out (n_in, batch).
     A row starts from its first connections' products (no pass writing zeros first); an input with no
-    connection gets zeros and no ReLU pass.
+    connection gets zeros and no ReLU pass. Rows are indexed as in ``_csr_forward``.
     """
-    batch = delta.shape[1]
-    for j in prange(out.shape[0]):
-        acc = out[j]
+    batch = _U(delta.shape[1])
+    for q in prange(out.shape[0]):
+        j = _U(q)
         p = col_ptr[j]
         end = col_ptr[j + 1]
         if p == end:
             for b in range(batch):
-                acc[b] = 0.0
+                out[j, b] = 0.0
             continue
         if p + 4 <= end:
             k0, k1, k2, k3 = col_order[p], col_order[p + 1], col_order[p + 2], col_order[p + 3]
             w0, w1, w2, w3 = weights[k0], weights[k1], weights[k2], weights[k3]
-            d0, d1, d2, d3 = delta[rows[k0]], delta[rows[k1]], delta[rows[k2]], delta[rows[k3]]
+            i0, i1, i2, i3 = _U(rows[k0]), _U(rows[k1]), _U(rows[k2]), _U(rows[k3])
             for b in range(batch):
-                acc[b] = w0 * d0[b] + w1 * d1[b] + w2 * d2[b] + w3 * d3[b]
+                out[j, b] = w0 * delta[i0, b] + w1 * delta[i1, b] + w2 * delta[i2, b] + w3 * delta[i3, b]
             p += 4
         else:
             k = col_order[p]
             w = weights[k]
-            d = delta[rows[k]]
+            i = _U(rows[k])
             for b in range(batch):
-                acc[b] = w * d[b]
+                out[j, b] = w * delta[i, b]
             p += 1
         while p + 4 <= end:
             k0, k1, k2, k3 = col_order[p], col_order[p + 1], col_order[p + 2], col_order[p + 3]
             w0, w1, w2, w3 = weights[k0], weights[k1], weights[k2], weights[k3]
-            d0, d1, d2, d3 = delta[rows[k0]], delta[rows[k1]], delta[rows[k2]], delta[rows[k3]]
+            i0, i1, i2, i3 = _U(rows[k0]), _U(rows[k1]), _U(rows[k2]), _U(rows[k3])
             for b in range(batch):
-                acc[b] += w0 * d0[b] + w1 * d1[b] + w2 * d2[b] + w3 * d3[b]
+                out[j, b] += w0 * delta[i0, b] + w1 * delta[i1, b] + w2 * delta[i2, b] + w3 * delta[i3, b]
             p += 4
         while p < end:
             k = col_order[p]
             w = weights[k]
-            d = delta[rows[k]]
+            i = _U(rows[k])
             for b in range(batch):
-                acc[b] += w * d[b]
+                out[j, b] += w * delta[i, b]
             p += 1
-        act = activation[j]
         for b in range(batch):
-            if act[b] <= 0.0:
-                acc[b] = 0.0
+            if activation[j, b] <= 0.0:
+                out[j, b] = 0.0
 
 
 def _sampled_weight_grad(connections, rows, indices, delta, x, grad):
@@ -158,8 +159,9 @@ def _sampled_weight_grad(connections, rows, indices, delta, x, grad):
 
     connections (m,), rows (nnz,), indices (nnz,), delta (n_out, batch), x (n_in, batch), grad (m,).
     Four connections of the same output row (the usual case: CSR order) share one pass over ``delta[row]``.
+    Rows are indexed as in ``_csr_forward``.
     """
-    batch = x.shape[1]
+    batch = _U(x.shape[1])
     n_blocks = (connections.shape[0] + 3) // 4
     for block in prange(n_blocks):
         q = 4 * block
@@ -169,24 +171,24 @@ def _sampled_weight_grad(connections, rows, indices, delta, x, grad):
         for p in range(q + 1, end):
             same_row = same_row and rows[connections[p]] == rows[k0]
         if same_row:
-            d = delta[rows[k0]]
-            x0, x1 = x[indices[k0]], x[indices[connections[q + 1]]]
-            x2, x3 = x[indices[connections[q + 2]]], x[indices[connections[q + 3]]]
+            i = _U(rows[k0])
+            j0, j1 = _U(indices[k0]), _U(indices[connections[q + 1]])
+            j2, j3 = _U(indices[connections[q + 2]]), _U(indices[connections[q + 3]])
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for b in range(batch):
-                s0 += d[b] * x0[b]
-                s1 += d[b] * x1[b]
-                s2 += d[b] * x2[b]
-                s3 += d[b] * x3[b]
+                d = delta[i, b]
+                s0 += d * x[j0, b]
+                s1 += d * x[j1, b]
+                s2 += d * x[j2, b]
+                s3 += d * x[j3, b]
             grad[q], grad[q + 1], grad[q + 2], grad[q + 3] = s0, s1, s2, s3
         else:
             for p in range(q, end):
                 k = connections[p]
-                d = delta[rows[k]]
-                xj = x[indices[k]]
+                i, j = _U(rows[k]), _U(indices[k])
                 s = np.float32(0.0)
                 for b in range(batch):
-                    s += d[b] * xj[b]
+                    s += delta[i, b] * x[j, b]
                 grad[p] = s
 
 
@@ -547,18 +549,6 @@ _FAST = dict(cache=CACHE, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_FAST)
-def _add3(acc, u0, u1, u2, m0, m1, m2, d0, d1, d2, a0, a1, a2, b0, b1, b2, c0, c1, c2):
-    """``acc += a0 u0 + a1 u1 + a2 u2 + b0 m0 + ... + c2 d2`` over equal-length vectors.
-
-    Every index is the loop variable itself: shifted operands are passed as shifted views, because a computed
-    index such as ``i - batch`` makes Numba check for negative indices, which stops vectorization (4-10x).
-    """
-    for j in range(acc.shape[0]):
-        acc[j] += (a0 * u0[j] + a1 * u1[j] + a2 * u2[j] + b0 * m0[j] + b1 * m1[j] + b2 * m2[j]
-                   + c0 * d0[j] + c1 * d1[j] + c2 * d2[j])
-
-
-@numba.njit(**_FAST)
 def _oriented(w, flip):
     """A kernel's nine weights w (9,) in tap order, or rotated by 180 degrees with ``flip`` (the transposed
     convolution). Returns a 9-tuple of float32."""
@@ -567,70 +557,192 @@ def _oriented(w, flip):
     return w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
 
 
+
+
 @numba.njit(**_FAST)
-def _row_taps(acc, up, mid, down, w, flip, has_up, has_down, batch):
-    """``acc[x] += sum_{dy, dx} w[3 (dy + 1) + dx + 1] * row_dy[x + dx]`` over map rows flattened to
-    (width * batch,), with zero padding at both ends of the row. ``up``/``mid``/``down`` are the rows for
-    dy = -1, 0, 1; a row outside the map (``has_up``/``has_down`` False) may be any row, its weights count as 0.
-    With ``flip`` the kernel is rotated by 180 degrees (the transposed convolution). w (9,)."""
-    a0, a1, a2, b0, b1, b2, c0, c1, c2 = _oriented(w, flip)
+def _taps2(out, a0, a1, x, r0, r1, r2, r3, left, right, lo, hi,
+           w0, w1, w2, w3, w4, w5, w6, w7, w8, e0, e1, e2, g0, g1, g2):
+    """Two output rows at once, over the flattened positions j in [lo, hi):
+    ``out[a0 + j] += w . (row r0, r1, r2 at j - left, j, j + right)`` and
+    ``out[a1 + j] += (e, w3..w5, g) . (row r1, r2, r3 at the same shifts)``.
+
+    out and x are flat float32 arrays; a0/a1/r0-r3 are the offsets (uint64) of map rows of ``width * batch``
+    floats. ``left``/``right`` are ``batch`` (one pixel) inside a row and 0 where the dx = -1 or +1 tap falls into
+    the padding (its weight is then 0 and it reads the centre pixel). The middle rows' loads are shared.
+    """
+    for j in range(lo, hi):
+        jl = j - left
+        jr = j + right
+        u1, v1, s1 = x[r1 + jl], x[r1 + j], x[r1 + jr]
+        u2, v2, s2 = x[r2 + jl], x[r2 + j], x[r2 + jr]
+        out[a0 + j] += (w0 * x[r0 + jl] + w1 * x[r0 + j] + w2 * x[r0 + jr] + w3 * u1 + w4 * v1 + w5 * s1
+                        + w6 * u2 + w7 * v2 + w8 * s2)
+        out[a1 + j] += (e0 * u1 + e1 * v1 + e2 * s1 + w3 * u2 + w4 * v2 + w5 * s2
+                        + g0 * x[r3 + jl] + g1 * x[r3 + j] + g2 * x[r3 + jr])
+
+
+@numba.njit(**_FAST)
+def _taps2_inside(out, a0, a1, x, r0, r1, r2, r3, left, right, lo, hi, w0, w1, w2, w3, w4, w5, w6, w7, w8):
+    """``_taps2`` for rows r0-r3 all inside the map, where both output rows take the same nine weights: the
+    same arithmetic, with 9 weights fewer to keep in registers (1.15-1.2x on AVX2, which has 16)."""
+    for j in range(lo, hi):
+        jl = j - left
+        jr = j + right
+        u1, v1, s1 = x[r1 + jl], x[r1 + j], x[r1 + jr]
+        u2, v2, s2 = x[r2 + jl], x[r2 + j], x[r2 + jr]
+        out[a0 + j] += (w0 * x[r0 + jl] + w1 * x[r0 + j] + w2 * x[r0 + jr] + w3 * u1 + w4 * v1 + w5 * s1
+                        + w6 * u2 + w7 * v2 + w8 * s2)
+        out[a1 + j] += (w0 * u1 + w1 * v1 + w2 * s1 + w3 * u2 + w4 * v2 + w5 * s2
+                        + w6 * x[r3 + jl] + w7 * x[r3 + j] + w8 * x[r3 + jr])
+
+
+@numba.njit(**_FAST)
+def _taps1(out, a0, x, r0, r1, r2, left, right, lo, hi, w0, w1, w2, w3, w4, w5, w6, w7, w8):
+    """``_taps2`` for one output row: ``out[a0 + j] += w . (rows r0, r1, r2 at j - left, j, j + right)``."""
+    for j in range(lo, hi):
+        jl = j - left
+        jr = j + right
+        out[a0 + j] += (w0 * x[r0 + jl] + w1 * x[r0 + j] + w2 * x[r0 + jr] + w3 * x[r1 + jl] + w4 * x[r1 + j]
+                        + w5 * x[r1 + jr] + w6 * x[r2 + jl] + w7 * x[r2 + j] + w8 * x[r2 + jr])
+
+
+@numba.njit(**_FAST)
+def _kernel_rows(out, a0, a1, x, r0, r1, r2, r3, w, flip, has_r0, has_r3, paired, batch, n):
+    """Add one kernel's contribution to output rows a0 (input rows r0-r2) and, if ``paired``, a1 (rows r1-r3).
+    A row outside the map (``has_r0``/``has_r3`` False) may be any row: its weights count as 0. The first and the
+    last pixel of a row lose their dx = -1 and dx = +1 taps (zero padding). w (9,); ``flip`` rotates it by 180
+    degrees (the transposed convolution). Offsets and n (= width * batch) are uint64."""
+    a_0, a_1, a_2, b0, b1, b2, c0, c1, c2 = _oriented(w, flip)
     zero = np.float32(0.0)
-    if not has_up:
-        a0 = a1 = a2 = zero
-    if not has_down:
-        c0 = c1 = c2 = zero
-    n = acc.shape[0]
-    m = n - 2 * batch
-    _add3(acc[batch:n - batch], up[:m], up[batch:n - batch], up[2 * batch:],
-          mid[:m], mid[batch:n - batch], mid[2 * batch:], down[:m], down[batch:n - batch], down[2 * batch:],
-          a0, a1, a2, b0, b1, b2, c0, c1, c2)
-    _add3(acc[:batch], up[:batch], up[:batch], up[batch:2 * batch], mid[:batch], mid[:batch],
-          mid[batch:2 * batch], down[:batch], down[:batch], down[batch:2 * batch],
-          zero, a1, a2, zero, b1, b2, zero, c1, c2)
-    _add3(acc[n - batch:], up[n - 2 * batch:n - batch], up[n - batch:], up[n - batch:],
-          mid[n - 2 * batch:n - batch], mid[n - batch:], mid[n - batch:],
-          down[n - 2 * batch:n - batch], down[n - batch:], down[n - batch:],
-          a0, a1, zero, b0, b1, zero, c0, c1, zero)
-
-
-@numba.njit(**_FAST)
-def _add3x2(acc0, acc1, r0, r1, r2, r3, s0, s1, s2, s3, t0, t1, t2, t3, a0, a1, a2, b0, b1, b2, c0, c1, c2,
-            e0, e1, e2, g0, g1, g2):
-    """Two output rows at once: ``acc0 += a . (r0, s0, t0) + b . (r1, s1, t1) + c . (r2, s2, t2)`` and
-    ``acc1 += e . (r1, s1, t1) + b . (r2, s2, t2) + g . (r3, s3, t3)``, where ``r``/``s``/``t`` are the
-    dx = -1, 0, 1 views of four consecutive input rows. Each input value is loaded once for both rows."""
-    for j in range(acc0.shape[0]):
-        u1, v1, w1 = r1[j], s1[j], t1[j]
-        u2, v2, w2 = r2[j], s2[j], t2[j]
-        acc0[j] += (a0 * r0[j] + a1 * s0[j] + a2 * t0[j] + b0 * u1 + b1 * v1 + b2 * w1
-                    + c0 * u2 + c1 * v2 + c2 * w2)
-        acc1[j] += (e0 * u1 + e1 * v1 + e2 * w1 + b0 * u2 + b1 * v2 + b2 * w2
-                    + g0 * r3[j] + g1 * s3[j] + g2 * t3[j])
-
-
-@numba.njit(**_FAST)
-def _row_taps2(acc0, acc1, r0, r1, r2, r3, w, flip, has_r0, has_r3, batch):
-    """``_row_taps`` for two consecutive output rows: acc0 takes rows (r0, r1, r2), acc1 rows (r1, r2, r3).
-    ``has_r0``/``has_r3`` False: that row is outside the map (its weights count as 0)."""
-    a0, a1, a2, b0, b1, b2, c0, c1, c2 = _oriented(w, flip)
-    zero = np.float32(0.0)
-    e0, e1, e2, g0, g1, g2 = a0, a1, a2, c0, c1, c2  # acc1's weights for rows r1 and r3
+    e0, e1, e2, g0, g1, g2 = a_0, a_1, a_2, c0, c1, c2  # a1's weights for rows r1 and r3
     if not has_r0:
-        a0 = a1 = a2 = zero
+        a_0 = a_1 = a_2 = zero
     if not has_r3:
         g0 = g1 = g2 = zero
-    n = acc0.shape[0]
-    m = n - 2 * batch
-    i, j = batch, n - batch
-    _add3x2(acc0[i:j], acc1[i:j], r0[:m], r1[:m], r2[:m], r3[:m], r0[i:j], r1[i:j], r2[i:j], r3[i:j],
-            r0[2 * batch:], r1[2 * batch:], r2[2 * batch:], r3[2 * batch:],
-            a0, a1, a2, b0, b1, b2, c0, c1, c2, e0, e1, e2, g0, g1, g2)
-    # the first and last pixel: the dx = -1 (first) or dx = +1 (last) tap falls into the padding
-    _add3x2(acc0[:batch], acc1[:batch], r0[:batch], r1[:batch], r2[:batch], r3[:batch], r0[:batch],
-            r1[:batch], r2[:batch], r3[:batch], r0[batch:2 * batch], r1[batch:2 * batch], r2[batch:2 * batch],
-            r3[batch:2 * batch], zero, a1, a2, zero, b1, b2, zero, c1, c2, zero, e1, e2, zero, g1, g2)
-    _add3x2(acc0[j:], acc1[j:], r0[m:j], r1[m:j], r2[m:j], r3[m:j], r0[j:], r1[j:], r2[j:], r3[j:], r0[j:],
-            r1[j:], r2[j:], r3[j:], a0, a1, zero, b0, b1, zero, c0, c1, zero, e0, e1, zero, g0, g1, zero)
+    if not paired:  # row r2 is then outside the map as well
+        c0 = c1 = c2 = zero
+    b, first, last = _U(batch), _U(0), n - _U(batch)
+    if paired and has_r0 and has_r3:
+        _taps2_inside(out, a0, a1, x, r0, r1, r2, r3, b, b, b, last, a_0, a_1, a_2, b0, b1, b2, c0, c1, c2)
+        _taps2_inside(out, a0, a1, x, r0, r1, r2, r3, first, b, first, b, zero, a_1, a_2, zero, b1, b2, zero, c1,
+                      c2)
+        _taps2_inside(out, a0, a1, x, r0, r1, r2, r3, b, first, last, n, a_0, a_1, zero, b0, b1, zero, c0, c1,
+                      zero)
+    elif paired:
+        _taps2(out, a0, a1, x, r0, r1, r2, r3, b, b, b, last, a_0, a_1, a_2, b0, b1, b2, c0, c1, c2,
+               e0, e1, e2, g0, g1, g2)
+        _taps2(out, a0, a1, x, r0, r1, r2, r3, first, b, first, b, zero, a_1, a_2, zero, b1, b2, zero, c1, c2,
+               zero, e1, e2, zero, g1, g2)
+        _taps2(out, a0, a1, x, r0, r1, r2, r3, b, first, last, n, a_0, a_1, zero, b0, b1, zero, c0, c1, zero,
+               e0, e1, zero, g0, g1, zero)
+    else:
+        _taps1(out, a0, x, r0, r1, r2, b, b, b, last, a_0, a_1, a_2, b0, b1, b2, c0, c1, c2)
+        _taps1(out, a0, x, r0, r1, r2, first, b, first, b, zero, a_1, a_2, zero, b1, b2, zero, c1, c2)
+        _taps1(out, a0, x, r0, r1, r2, b, first, last, n, a_0, a_1, zero, b0, b1, zero, c0, c1, zero)
+
+
+@numba.njit(**_FAST)
+def _row_offsets(map_offset, h, height, n):
+    """Offsets (uint64) of rows h - 1, h, h + 1, h + 2 of the map at ``map_offset``, each clamped into the map
+    (a clamped row is a placeholder, weighted 0 by ``_kernel_rows``)."""
+    r1 = map_offset + _U(h) * n
+    r0 = r1 - n if h > 0 else r1
+    r2 = r1 + n if h + 1 < height else r1
+    r3 = r2 + n if h + 2 < height else r2
+    return r0, r1, r2, r3
+
+
+MIN_WORK_ITEMS = 8  # row pairs x map groups per convolution call: enough for 8 threads
+
+
+@numba.njit(**_FAST)
+def _map_groups(row_pairs, n_maps):
+    """How many groups to split the maps into so that (row pairs x groups) makes at least ``MIN_WORK_ITEMS``
+    work items (1 for maps of 32 rows or more). Which items a thread gets changes nothing in the results."""
+    return max(1, min(n_maps, (MIN_WORK_ITEMS + row_pairs - 1) // row_pairs))
+
+
+def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu):
+    """``out[o] = sum_k conv3x3(x[indices[k]], weights[k]) + bias[o]`` over the kernels k of row o, then ReLU.
+
+    indptr (n_out + 1,), indices (nnz,) input maps, weights (nnz, 9), bias (n_out,), x (n_in, H, W * batch),
+    out (n_out, H, W * batch): maps with the batch innermost, rows flattened (W >= 2), C-contiguous. Cost: 9
+    multiply-adds per kernel, pixel and sample. Work goes by pairs of output rows, every output map of one
+    pair before the next, so that the few input rows a pair reads stay in cache for all the maps that read them;
+    the two rows share the loads of their input rows. Each output row is written by one thread, kernels in
+    order: the result does not depend on the threads.
+    """
+    n_out, height, row_size = out.shape
+    n, plane = _U(row_size), _U(height * row_size)
+    xf, outf = x.reshape(x.size), out.reshape(out.size)
+    pairs = (height + 1) // 2
+    groups = _map_groups(pairs, n_out)
+    per_group = (n_out + groups - 1) // groups
+    for item in prange(pairs * groups):
+        h = 2 * (item // groups)
+        paired = h + 1 < height
+        group = item % groups
+        for o in range(group * per_group, min(n_out, (group + 1) * per_group)):
+            a0 = _U(o) * plane + _U(h) * n
+            a1 = a0 + n if paired else a0
+            outf[a0:a0 + n] = bias[o]
+            outf[a1:a1 + n] = bias[o]
+            for k in range(indptr[o], indptr[o + 1]):
+                r0, r1, r2, r3 = _row_offsets(_U(indices[k]) * plane, h, height, n)
+                _kernel_rows(outf, a0, a1, xf, r0, r1, r2, r3, weights[k], False, h > 0, h + 2 < height, paired,
+                             batch, n)
+            if relu:
+                for j in range(a0, a0 + n):
+                    outf[j] = max(outf[j], np.float32(0.0))
+                if paired:
+                    for j in range(a1, a1 + n):
+                        outf[j] = max(outf[j], np.float32(0.0))
+
+
+def _add_bias(out, bias, relu):
+    """``out[o] += bias[o]``, then ReLU if ``relu``. out (n_out, n) float32, bias (n_out,)."""
+    for o in prange(out.shape[0]):
+        row = out[o]
+        b_o = bias[o]
+        if relu:
+            for i in range(row.shape[0]):
+                row[i] = max(row[i] + b_o, np.float32(0.0))
+        else:
+            for i in range(row.shape[0]):
+                row[i] += b_o
+
+
+def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, out, batch):
+    """``out = conv3x3_transpose(delta) * (activation > 0)``: the loss gradient at the input maps, through ReLU.
+
+    col_ptr (n_in + 1,), col_order (nnz,) kernel ids grouped by input map, rows (nnz,) output maps,
+    weights (nnz, 9), delta (n_out, H, W * batch), activation and out (n_in, H, W * batch), C-contiguous. Input
+    pixel (h, w) receives tap (dy, dx) from output pixel (h - dy, w - dx): the kernel rotated by 180 degrees.
+    Work goes by pairs of rows, as in ``_conv_forward``.
+    """
+    n_in, height, row_size = out.shape
+    n, plane = _U(row_size), _U(height * row_size)
+    deltaf, actf, outf = delta.reshape(delta.size), activation.reshape(activation.size), out.reshape(out.size)
+    pairs = (height + 1) // 2
+    groups = _map_groups(pairs, n_in)
+    per_group = (n_in + groups - 1) // groups
+    for item in prange(pairs * groups):
+        h = 2 * (item // groups)
+        paired = h + 1 < height
+        group = item % groups
+        for c in range(group * per_group, min(n_in, (group + 1) * per_group)):
+            a0 = _U(c) * plane + _U(h) * n
+            a1 = a0 + n if paired else a0
+            outf[a0:a0 + n] = 0.0
+            outf[a1:a1 + n] = 0.0
+            for p in range(col_ptr[c], col_ptr[c + 1]):
+                k = col_order[p]
+                r0, r1, r2, r3 = _row_offsets(_U(rows[k]) * plane, h, height, n)
+                _kernel_rows(outf, a0, a1, deltaf, r0, r1, r2, r3, weights[k], True, h > 0, h + 2 < height,
+                             paired, batch, n)
+            for j in range(a0, (a1 if paired else a0) + n):
+                if actf[j] <= 0.0:
+                    outf[j] = 0.0
 
 
 @numba.njit(**_FAST)
@@ -653,79 +765,6 @@ def _row_tap_dots(d, r, batch):
     _, mid0, right0 = _dot3(d[:batch], r[:batch], r[:batch], r[batch:2 * batch])
     left1, mid1, _ = _dot3(d[n - batch:], r[n - 2 * batch:n - batch], r[n - batch:], r[n - batch:])
     return left + left1, mid + mid0 + mid1, right + right0
-
-
-def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu):
-    """``out[o] = sum_k conv3x3(x[indices[k]], weights[k]) + bias[o]`` over the kernels k of row o, then ReLU.
-
-    indptr (n_out + 1,), indices (nnz,) input maps, weights (nnz, 9), bias (n_out,), x (n_in, H, W * batch),
-    out (n_out, H, W * batch): maps with the batch innermost, rows flattened (W >= 2). Cost: 9 multiply-adds per
-    kernel, pixel and sample; two output rows stay in cache while every kernel of their map adds to them, and
-    share the loads of the input rows between them.
-    """
-    n_out, height, _ = out.shape
-    for o in prange(n_out):
-        for h in range(0, height, 2):
-            pair = h + 1 < height
-            acc0, acc1 = out[o, h], out[o, min(h + 1, height - 1)]
-            acc0[:] = bias[o]
-            acc1[:] = bias[o]
-            for k in range(indptr[o], indptr[o + 1]):
-                c = indices[k]
-                if pair:
-                    _row_taps2(acc0, acc1, x[c, max(h - 1, 0)], x[c, h], x[c, h + 1], x[c, min(h + 2, height - 1)],
-                               weights[k], False, h > 0, h + 2 < height, batch)
-                else:
-                    _row_taps(acc0, x[c, max(h - 1, 0)], x[c, h], x[c, h], weights[k], False, h > 0, False, batch)
-            if relu:
-                for i in range(acc0.shape[0]):
-                    acc0[i] = max(acc0[i], np.float32(0.0))
-                    acc1[i] = max(acc1[i], np.float32(0.0))
-
-
-def _add_bias(out, bias, relu):
-    """``out[o] += bias[o]``, then ReLU if ``relu``. out (n_out, n) float32, bias (n_out,)."""
-    for o in prange(out.shape[0]):
-        row = out[o]
-        b_o = bias[o]
-        if relu:
-            for i in range(row.shape[0]):
-                row[i] = max(row[i] + b_o, np.float32(0.0))
-        else:
-            for i in range(row.shape[0]):
-                row[i] += b_o
-
-
-def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, out, batch):
-    """``out = conv3x3_transpose(delta) * (activation > 0)``: the loss gradient at the input maps, through ReLU.
-
-    col_ptr (n_in + 1,), col_order (nnz,) kernel ids grouped by input map, rows (nnz,) output maps,
-    weights (nnz, 9), delta (n_out, H, W * batch), activation and out (n_in, H, W * batch). Input pixel (h, w)
-    receives tap (dy, dx) from output pixel (h - dy, w - dx): the kernel rotated by 180 degrees. Rows are done in
-    pairs, as in ``_conv_forward``.
-    """
-    n_in, height, row_size = out.shape
-    for c in prange(n_in):
-        for h in range(0, height, 2):
-            pair = h + 1 < height
-            acc0, acc1 = out[c, h], out[c, min(h + 1, height - 1)]
-            acc0[:] = 0.0
-            acc1[:] = 0.0
-            for p in range(col_ptr[c], col_ptr[c + 1]):
-                k = col_order[p]
-                o = rows[k]
-                if pair:
-                    _row_taps2(acc0, acc1, delta[o, max(h - 1, 0)], delta[o, h], delta[o, h + 1],
-                               delta[o, min(h + 2, height - 1)], weights[k], True, h > 0, h + 2 < height, batch)
-                else:
-                    _row_taps(acc0, delta[o, max(h - 1, 0)], delta[o, h], delta[o, h], weights[k], True, h > 0,
-                              False, batch)
-            act0, act1 = activation[c, h], activation[c, min(h + 1, height - 1)]
-            for i in range(row_size):
-                if act0[i] <= 0.0:
-                    acc0[i] = 0.0
-                if act1[i] <= 0.0:
-                    acc1[i] = 0.0
 
 
 def _conv_weight_grad(connections, rows, indices, delta, x, grad, batch):
