@@ -6,6 +6,7 @@ Layout under test: maps are (maps, H, W, batch) float32, C-contiguous; the conv 
 dx = t % 3 - 1 (zero padding 1, stride 1). The references below are written from that definition alone: padded
 slicing in float64, checked once against explicit loops.
 """
+import numba
 import numpy as np
 import pytest
 import scipy.sparse
@@ -588,6 +589,46 @@ def test_conv_kernel_pairs_are_serial_and_parallel_builds():
         assert pair[0].targetoptions.get("parallel", False) is False
         assert pair[1].targetoptions.get("parallel") is True
 
+
+
+def conv_kernel_outputs(build, ks, x, delta, batch):
+    """Forward (with ReLU), input gradient and weight gradient at every kernel, from one build."""
+    n_out, n_in, shape = ks.n_out, ks.n_in, x.shape[1:]
+    bias = np.linspace(-0.5, 0.5, n_out, dtype=np.float32)
+    out = np.full((n_out,) + shape, np.nan, np.float32)
+    grad_in = np.full((n_in,) + shape, np.nan, np.float32)
+    grad = np.full((ks.nnz, 9), np.nan, np.float32)
+    kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch, True)
+    kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
+                                       flat_rows(x), flat_rows(grad_in), batch)
+    kernels.conv_weight_grad[build](np.arange(ks.nnz), ks.rows, ks.indices, flat_rows(delta), flat_rows(x), grad,
+                                    batch)
+    return out, grad_in, grad
+
+
+@settings(max_examples=10, deadline=None)
+@given(maps=st.tuples(st.integers(1, 12), st.integers(1, 12)), height=st.integers(1, 19), width=st.integers(2, 5),
+       batch=st.integers(1, 9), seed=seed_st)
+def test_conv_kernels_give_the_same_bits_in_both_builds_and_on_any_thread_count(maps, height, width, batch, seed):
+    """The convolutions split the work into pairs of rows x groups of maps, a split that depends on the map size
+    (``kernels.MIN_WORK_ITEMS``) and threads take in any order; each output is still computed by one thread in one
+    order, so the serial build, the parallel one on one thread and on all threads agree bit for bit."""
+    (n_out, n_in), rng = maps, np.random.default_rng(seed)
+    ks = KernelSet(rng, n_out, n_in, 0.6)
+    x = relu_like(rng, (n_in, height, width, batch))
+    delta = rng.normal(size=(n_out, height, width, batch)).astype(np.float32)
+    runs = [conv_kernel_outputs(0, ks, x, delta, batch)]
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            runs.append(conv_kernel_outputs(1, ks, x, delta, batch))
+    finally:
+        numba.set_num_threads(previous)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert not np.isnan(b).any()
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 # ----- SparseCNN -----
 IMAGE, CONV, HIDDEN, N_CLASSES = (2, 8, 8), (3, 4, 5, 6), (7,), 4
