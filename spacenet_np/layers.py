@@ -218,6 +218,7 @@ class SparseLinear:
             kept = np.flatnonzero(active[self.rows])
         self.col_ptr, self.col_order = kernels.group_by_input(kept, self.indices, n_in)
         self.read_inputs = np.flatnonzero(np.diff(self.col_ptr))
+        self._csc_arrays = None  # backward_input's, built on its first call
 
     def connection_arrays(self):
         """Copies of (rows, cols, weights, owner, importance) of every connection, for ``set_connection_arrays``."""
@@ -246,9 +247,19 @@ class SparseLinear:
         return out
 
     def backward_input(self, delta, input_activation, out):
-        """Gradient at the input through its ReLU. delta (out slots, batch), input_activation/out (in slots, batch)."""
-        kernel = kernels.pick(kernels.csc_backward_input, self.nnz * delta.shape[1])
-        kernel(self.col_ptr, self.col_order, self.rows, self.weights, delta, input_activation, out)
+        """Gradient at the input through its ReLU. delta (out slots, batch), input_activation/out (in slots, batch).
+
+        The weights are first gathered into CSC order, so that the product reads weights and rows in sequence
+        (``col_order`` is then the identity): 1.3-1.6x at the CNN's 4096 -> 512 layer with the gather included,
+        the same bits."""
+        if self._csc_arrays is None:  # (the identity, rows and a buffer for the weights, in CSC order)
+            n = self.col_order.size
+            self._csc_arrays = (np.arange(n), self.rows[self.col_order], np.empty(n, np.float32))
+        identity, col_rows, col_weights = self._csc_arrays
+        work = self.nnz * delta.shape[1]
+        kernels.pick(kernels.gather, work)(self.weights, self.col_order, col_weights)
+        kernel = kernels.pick(kernels.csc_backward_input, work)
+        kernel(self.col_ptr, identity, col_rows, col_weights, delta, input_activation, out)
         return out
 
     def weight_grad(self, connections, delta, x):
@@ -335,17 +346,25 @@ class SparseConv2d(SparseLinear):
         dense[self.rows, self.indices] = self.weights
         return dense.reshape(self.out_index.n_slots, -1)
 
-    def forward(self, x, out, relu, active_only=False):
-        """``out = conv3x3(x, W) + bias`` (then ReLU). x (in maps, H, W, batch), out (out maps, H, W, batch)."""
+    def forward(self, x, out, relu, active_only=False, pool=None):
+        """``out = conv3x3(x, W) + bias`` (then ReLU). x (in maps, H, W, batch), out (out maps, H, W, batch).
+
+        ``pool``: (pooled, argmax), both (out maps, H // 2, W // 2, batch) (float32, uint8), to also write the
+        2 x 2 max pooling of ``out`` (``kernels.max_pool2``), which the sparse path does while ``out`` is in cache.
+        """
         self._cols = None
         if not self.dense_path():
             kernel = kernels.pick(kernels.conv_forward, self.nnz * 9 * x[0].size)
-            kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), _rows(out), x.shape[3], relu)
+            pooled = kernels.NO_POOL if pool is None else (_rows(pool[0]), _rows(pool[1]))
+            kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), _rows(out), x.shape[3], relu,
+                   *pooled)
             return out
         cols = self._im2col(x)
         flat = out.reshape(out.shape[0], -1)
         np.matmul(self.dense_weights(), cols.reshape(cols.shape[0], -1), out=flat)
         kernels.pick(kernels.add_bias, flat.size)(flat, self.bias, relu)
+        if pool is not None:
+            kernels.pick(kernels.max_pool2, pool[0].size)(out, *pool)
         return out
 
     def _im2col(self, x):

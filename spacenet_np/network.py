@@ -430,14 +430,14 @@ class SparseCNN(SparseNetwork):
         inputs = [x.reshape(*self.image_shape, batch)]
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
-            layer.forward(inputs[l], outputs[l], relu=l < last)
+            if l < last and self.pooled_input[l + 1]:  # only a convolution's output is pooled
+                layer.forward(inputs[l], outputs[l], relu=True, pool=(pooled_inputs[l + 1], argmax[l + 1]))
+                following = pooled_inputs[l + 1]
+            else:
+                layer.forward(inputs[l], outputs[l], relu=l < last)
+                following = outputs[l]
             if l == last:
                 break
-            following = outputs[l]
-            if self.pooled_input[l + 1]:
-                pooled = pooled_inputs[l + 1]
-                kernels.pick(kernels.max_pool2, pooled.size)(following, pooled, argmax[l + 1])
-                following = pooled
             if not isinstance(self.layers[l + 1], SparseConv2d):
                 following = following.reshape(-1, batch)
             inputs.append(following)

@@ -190,7 +190,7 @@ def test_conv_forward_matches_reference(build, relu, maps, image, batch, density
     out = np.full((n_out, height, width, batch), np.nan, np.float32)
 
     kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch,
-                                relu)
+                                relu, *kernels.NO_POOL)
 
     expected = conv_ref(x, ks.K, bias, relu)
     assert_close(out, expected, conv_ref(np.abs(x), np.abs(ks.K)) + np.abs(bias)[:, None, None, None])
@@ -214,7 +214,8 @@ def test_conv_forward_single_tap_is_an_exact_shift(build, height, t):
     weights[0, t] = 1.0
     out = np.full((1, height, width, batch), np.nan, np.float32)
     kernels.conv_forward[build](np.array([0, 1], np.int32), np.array([0], np.int32), weights,
-                                np.zeros(1, np.float32), flat_rows(x), flat_rows(out), batch, False)
+                                np.zeros(1, np.float32), flat_rows(x), flat_rows(out), batch, False,
+                                *kernels.NO_POOL)
     dy, dx = TAPS[t]
     expected = shifted(x, dy, dx)
     assert np.array_equal(out, expected)
@@ -230,9 +231,37 @@ def test_conv_forward_without_kernels_gives_bias(build, relu):
     x = np.ones((3, height, width, batch), np.float32)
     no_kernels = np.zeros((0, 9), np.float32)
     kernels.conv_forward[build](np.zeros(n_out + 1, np.int32), np.zeros(0, np.int32), no_kernels, bias,
-                                flat_rows(x), flat_rows(out), batch, relu)
+                                flat_rows(x), flat_rows(out), batch, relu, *kernels.NO_POOL)
     expected = np.maximum(bias, 0.0) if relu else bias
     assert np.array_equal(out, np.broadcast_to(expected[:, None, None, None], out.shape))
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(maps=maps_st, image=st.tuples(st.integers(2, 7), st.integers(2, 7)), batch=batch_st, density=density_st,
+       levels=st.sampled_from([2, 1000]), seed=seed_st)
+def test_conv_forward_pools_as_max_pool2(build, maps, image, batch, density, levels, seed):
+    """With ``pooled`` and ``argmax``, conv_forward also writes max_pool2 of its output (ties included: few
+    distinct input levels and ReLU zeros make them frequent; an odd last row or column is not pooled), and the
+    output itself is unchanged."""
+    (n_out, n_in), (height, width) = maps, image
+    rng = np.random.default_rng(seed)
+    ks = KernelSet(rng, n_out, n_in, density)
+    x = (rng.integers(0, levels, size=(n_in, height, width, batch)) - levels // 2).astype(np.float32)
+    bias = rng.normal(size=n_out).astype(np.float32)
+    plain, fused = (np.full((n_out, height, width, batch), np.nan, np.float32) for _ in range(2))
+    pooled_shape = (n_out, height // 2, width // 2, batch)
+    pooled = np.full(pooled_shape, np.nan, np.float32)
+    argmax = np.full(pooled_shape, 255, np.uint8)
+    conv = kernels.conv_forward[build]
+    conv(ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(plain), batch, True, *kernels.NO_POOL)
+    conv(ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(fused), batch, True, flat_rows(pooled),
+         flat_rows(argmax))
+
+    assert np.array_equal(fused, plain)
+    values, where = max_pool_ref(plain)
+    assert np.array_equal(pooled, values)
+    assert np.array_equal(argmax, where)
 
 
 # ----- conv_backward_input -----
@@ -598,7 +627,8 @@ def conv_kernel_outputs(build, ks, x, delta, batch):
     out = np.full((n_out,) + shape, np.nan, np.float32)
     grad_in = np.full((n_in,) + shape, np.nan, np.float32)
     grad = np.full((ks.nnz, 9), np.nan, np.float32)
-    kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch, True)
+    kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch, True,
+                                *kernels.NO_POOL)
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
                                        flat_rows(x), flat_rows(grad_in), batch)
     kernels.conv_weight_grad[build](np.arange(ks.nnz), ks.rows, ks.indices, flat_rows(delta), flat_rows(x), grad,

@@ -188,6 +188,45 @@ def test_csc_backward_input_with_active_rows_view(build, shape, density, seed):
     assert np.all(np.abs(out - expected) <= RTOL * scale + ATOL)
 
 
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(shape=shapes, density=densities, seed=seeds)
+def test_sparse_linear_backward_input_gives_the_kernels_bits_and_follows_weight_changes(build, shape, density,
+                                                                                       seed):
+    """``SparseLinear.backward_input`` gathers the weights into CSC order first: the same bits as the kernel on
+    the layer's own CSC view, also after the weights change in place (the gathered copy is not stale)."""
+    n_out, n_in, batch = shape
+    rng = np.random.default_rng(seed)
+    layer = dense_linear_layer(random_csr(rng, n_out, n_in, density))
+    layer.set_active_rows(rng.random(n_out) < 0.7)
+    delta = rng.normal(size=(n_out, batch)).astype(np.float32)
+    activation = relu_like_activation(rng, n_in, batch)
+    kernels.PARALLEL_MIN_WORK, previous = (0 if build else 1 << 62), kernels.PARALLEL_MIN_WORK
+    try:
+        for _ in range(2):
+            expected = np.full((n_in, batch), np.nan, dtype=np.float32)
+            kernels.csc_backward_input[build](layer.col_ptr, layer.col_order, layer.rows, layer.weights, delta,
+                                              activation, expected)
+            out = np.full((n_in, batch), np.nan, dtype=np.float32)
+            layer.backward_input(delta, activation, out)
+            assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+            layer.weights[:] = rng.normal(size=layer.nnz).astype(np.float32)
+    finally:
+        kernels.PARALLEL_MIN_WORK = previous
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(n=st.integers(0, 50), m=st.integers(0, 80), seed=seeds)
+def test_gather_matches_numpy_take(build, n, m, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=n).astype(np.float32)
+    order = rng.integers(0, n, size=m if n else 0)
+    out = np.full(order.size, np.nan, np.float32)
+    kernels.gather[build](values, order, out)
+    assert np.array_equal(out, values[order])
+
+
 # ----- sampled_weight_grad -----
 @pytest.mark.parametrize("build", BUILDS)
 @SETTINGS
@@ -375,7 +414,7 @@ def test_copy_cached_rows_both_ways(n, slots, batch, seed):
 
 # ----- pick and thread-count independence -----
 PAIRS = (kernels.csr_forward, kernels.csc_backward_input, kernels.sampled_weight_grad, kernels.sgd_step_with_importance,
-         kernels.transpose_lookup)
+         kernels.transpose_lookup, kernels.gather)
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs at least 2 Numba threads")
