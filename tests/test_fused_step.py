@@ -229,14 +229,16 @@ def test_fused_steps_of_several_depths_load_from_a_shared_cache(tmp_path):
 
 # ----- the kernel's pieces against NumPy -----
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 3000), scale=st.integers(0, 3), seed=seeds)
-def test_pairwise_sum_is_numpys_float32_sum(n, scale, seed):
+@given(n=st.one_of(st.integers(1, 3000), st.integers(3000, 300_000)), start=st.integers(0, 9),
+       scale=st.integers(0, 3), seed=seeds)
+def test_pairwise_sum_is_numpys_float32_sum(n, start, scale, seed):
+    """Bit for bit, at any offset, with scratch for log2(n) partial sums only (a deep tree above 128 values)."""
     rng = np.random.default_rng(seed)
-    a = (rng.normal(size=n) * 10.0 ** rng.integers(-scale - 1, scale + 1, n)).astype(np.float32)
-    work = np.empty(n, np.float32)
-    assert np.float32(0.0) + kernels.pairwise_sum(a, 0, n, work) == a.sum()
+    a = (rng.normal(size=start + n) * 10.0 ** rng.integers(-scale - 1, scale + 1, start + n)).astype(np.float32)
+    work = np.full(max(1, int(np.log2(n))), np.nan, np.float32)
+    assert np.float32(0.0) + kernels.pairwise_sum(a, start, n, work) == a[start:].sum()
     rows = np.stack([a[::-1], a])
-    assert np.float32(0.0) + kernels.pairwise_sum(rows[1], 0, n, work) == rows.sum(axis=1)[1]
+    assert np.float32(0.0) + kernels.pairwise_sum(rows[1], start, n, work) == rows[:, start:].sum(axis=1)[1]
 
 
 @SETTINGS
