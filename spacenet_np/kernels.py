@@ -705,8 +705,9 @@ def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu, pooled, a
 @numba.njit(**_FAST)
 def _pool_pair(y, a0, a1, pooled, argmax, p0, half_width, batch):
     """2 x 2 max pooling of the map rows at offsets a0 and a1 of ``y`` (flat, ``width * batch`` floats each) into
-    the row at offset p0 of ``pooled`` and ``argmax`` (``half_width * batch`` each): ``_max_pool2``'s comparisons
-    in its order (the first of equal values wins; the winner's position 2 dy + dx). Offsets and sizes uint64."""
+    the row at offset p0 of ``pooled`` and ``argmax`` (``half_width * batch`` each), positions compared in the
+    order 2 dy + dx (the first of equal values wins; argmax holds the winner's position). Offsets and sizes
+    uint64. Shared by ``_max_pool2`` and ``_conv_forward``."""
     for w in range(half_width):
         s, q = _U(2) * w * batch, w * batch
         for b in range(batch):
@@ -857,21 +858,17 @@ def _col2im(cols, activation, out):
 
 
 def _max_pool2(x, out, argmax):
-    """2 x 2 max pooling, stride 2. x (C, H, W, batch), out and argmax (C, H // 2, W // 2, batch); argmax holds
-    the winner's position 2 * dy + dx (uint8; the first of equal values wins)."""
-    n_maps, height, width, batch = out.shape
+    """2 x 2 max pooling, stride 2. x (C, H, W, batch), out and argmax (C, H // 2, W // 2, batch), C-contiguous;
+    argmax holds the winner's position 2 * dy + dx (uint8; the first of equal values wins). ``_pool_pair`` per
+    pair of rows, as ``_conv_forward`` pools its own output."""
+    n_maps, height, width, batch = x.shape
+    n, pool_row = _U(width * batch), _U(out.shape[2] * batch)
+    xf, outf, argmaxf = x.reshape(x.size), out.reshape(out.size), argmax.reshape(argmax.size)
     for c in prange(n_maps):
-        for h in range(height):
-            for w in range(width):
-                for b in range(batch):
-                    best = x[c, 2 * h, 2 * w, b]
-                    where = 0
-                    for t in range(1, 4):
-                        v = x[c, 2 * h + t // 2, 2 * w + t % 2, b]
-                        if v > best:
-                            best, where = v, t
-                    out[c, h, w, b] = best
-                    argmax[c, h, w, b] = where
+        for h in range(out.shape[1]):
+            a0 = (_U(c) * _U(height) + _U(2 * h)) * n
+            p0 = (_U(c) * _U(out.shape[1]) + _U(h)) * pool_row
+            _pool_pair(xf, a0, a0 + n, outf, argmaxf, p0, _U(out.shape[2]), _U(batch))
 
 
 def _max_pool2_backward(delta, argmax, out):
