@@ -45,6 +45,10 @@ from numba import prange  # noqa: E402
 
 _U = np.uint64  # unsigned indices: Numba adds no negative-index fix, which would stop vectorization
 PARALLEL_MIN_WORK = 1 << 23  # multiply-adds below which the serial build is faster on 2 cores (benchmarks/)
+# What one element of a kernel that only moves or compares values (SGD steps, pooling, pixel lookups, bias adds)
+# counts as in ``pick``: their parallel builds win from 4K-131K elements on 2 cores, depending on the kernel
+# (benchmarks/memory_kernels.py); from PARALLEL_MIN_WORK / ELEMENT_WORK = 131,072 elements on, they always do.
+ELEMENT_WORK = 64
 
 
 def _build(func):
@@ -61,9 +65,9 @@ def _build(func):
 
 
 def pick(kernel_pair, work):
-    """The serial build of ``kernel_pair`` for fewer than ``PARALLEL_MIN_WORK`` multiply-adds or where Numba runs
-    one thread (``NUMBA_NUM_THREADS=1``, ``numba.set_num_threads(1)`` as sweep workers do; the two builds give the
-    same bits), else the parallel build."""
+    """The serial build of ``kernel_pair`` for fewer than ``PARALLEL_MIN_WORK`` multiply-adds (``ELEMENT_WORK`` per
+    element for a kernel that only moves values) or where Numba runs one thread (``NUMBA_NUM_THREADS=1``,
+    ``numba.set_num_threads(1)`` as sweep workers do; the two builds give the same bits), else the parallel build."""
     if work < PARALLEL_MIN_WORK or numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1:
         return kernel_pair[0]
     return kernel_pair[1]
@@ -497,7 +501,7 @@ def mlp_train_batches(layers, activations, deltas, grads, images, order, lut, la
 def fused_step_is_serial(layer_connections, trainable_connections, batch):
     """Whether every product of ``mlp_train_step`` on a batch is below ``PARALLEL_MIN_WORK``, which is where the
     per-layer path runs the serial builds too. ``layer_connections``, ``trainable_connections``: per layer."""
-    return all(max(m, t) * batch < PARALLEL_MIN_WORK and t * 64 < PARALLEL_MIN_WORK
+    return all(max(m, t) * batch < PARALLEL_MIN_WORK and t * ELEMENT_WORK < PARALLEL_MIN_WORK
                for m, t in zip(layer_connections, trainable_connections))
 
 

@@ -195,7 +195,8 @@ def test_a_step_that_needs_the_parallel_builds_takes_the_per_layer_path(monkeypa
 def test_fused_step_is_serial_where_pick_chooses_the_serial_builds(sizes):
     nnz, trainable, batch = sizes
     works = [(kernels.csr_forward, nnz * batch), (kernels.csc_backward_input, nnz * batch),
-             (kernels.sampled_weight_grad, trainable * batch), (kernels.sgd_step_with_importance, trainable * 64)]
+             (kernels.sampled_weight_grad, trainable * batch),
+             (kernels.sgd_step_with_importance, trainable * kernels.ELEMENT_WORK)]
     expected = all(kernels.pick(pair, work) is pair[0] for pair, work in works)
     assert kernels.fused_step_is_serial([nnz, 5], [trainable, 5], batch) == expected
 
