@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, signals_deferred
 from .network import SparseNetwork, build_network
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
 from .strategy import input_statistics, predict
@@ -224,10 +224,12 @@ def _trailer_prefix(version):
 
 
 def _write(path, meta, arrays):
-    """Encode fully in memory first, so a serialization error never touches ``path``; then write atomically."""
-    payload = _encode(meta, arrays)
+    """Encode fully in memory first, so a serialization error never touches ``path``; then write atomically.
+    SIGINT and SIGTERM wait for the whole save: one that lands inside ``zipfile`` leaves a write handle open, and
+    closing the zip then raises ValueError in place of the interruption."""
     path = Path(path)
-    atomic_write_bytes(path, payload)
+    with signals_deferred():
+        atomic_write_bytes(path, _encode(meta, arrays))
     return path
 
 
@@ -256,7 +258,9 @@ def _read_file(path):
 
 def _load_bytes(path, data):
     """``load`` of the file contents ``data``; ``path`` names the file in errors."""
-    return _checkpoint_from(path, *_parse_container(path, data))
+    with signals_deferred():  # as in _write: zipfile would turn an interruption into a damaged-file error
+        container = _parse_container(path, data)
+    return _checkpoint_from(path, *container)
 
 
 def predict_from_checkpoint(path, images, batch_size=1000):

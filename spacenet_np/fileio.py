@@ -49,16 +49,26 @@ def _write(path, payload):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Block SIGINT and SIGTERM in the main thread for the duration; a signal that arrived meanwhile is delivered
-    (and its Python handler runs) as soon as they are unblocked."""
+    """Hold SIGINT and SIGTERM back for the duration (in the main thread): a signal that arrives meanwhile is
+    recorded and raised again, to the handler that was in place, as soon as the block ends.
+
+    Recorded by Python handlers rather than blocked with ``pthread_sigmask``: the system may deliver a signal to any
+    thread that does not block it (a Numba or executor thread), and Python then runs the handler in the main thread
+    at once, in the middle of the block.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    arrived = []
+    held = [signum for signum in DEFERRED_SIGNALS if signal.getsignal(signum) is not None]  # None: set outside Python
+    previous = {signum: signal.signal(signum, lambda number, frame: arrived.append(number)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def _remove(tmp):

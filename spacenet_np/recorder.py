@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, signals_deferred
 from .layers import FREE
 
 STATUS_COLUMNS = ("width", "reserved", "shared", "unused")
@@ -196,14 +196,15 @@ class Recorder:
     def save(self, path):
         """Write every recorded array to ``path`` (.npz, no pickle) atomically."""
         buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        with signals_deferred():  # an interruption inside zipfile would surface as its ValueError
+            np.savez(buffer, **self.arrays)
+            atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path):
         """A Recorder holding the arrays of a file written by ``save`` (without probe images)."""
         recorder = cls()
-        with np.load(path, allow_pickle=False) as data:
+        with signals_deferred(), np.load(path, allow_pickle=False) as data:
             recorder.arrays = {key: data[key] for key in data.files}
         if "pair_layer" in recorder.arrays:
             recorder.pair_layer = int(recorder.arrays["pair_layer"])

@@ -1,7 +1,11 @@
 """Checkpoints: exact round trips, bit-identical resume, refusal of damaged files, atomic writes."""
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -582,3 +586,68 @@ def test_a_half_written_temp_file_is_never_the_checkpoint(tmp_path, tasks, monke
     save_learner(tmp_path / "ckpt.npz", learner)
     assert seen and seen[0].startswith(".ckpt.npz.") and seen[0].endswith(".tmp")
     assert os.listdir(tmp_path) == ["ckpt.npz"]
+
+
+class Stop(Exception):
+    pass
+
+
+def raise_stop(signum, frame):
+    raise Stop
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_another_thread_receives_mid_write_acts_after_the_write(tmp_path, monkeypatch, signum):
+    """The system delivers a process's signal to any thread that does not block it, and Python then runs the
+    handler in the main thread at its next instruction: a signal that a helper thread receives while a file is
+    written must still wait for the write (no temporary file, the whole file), then reach its handler."""
+    waiting, release = threading.Event(), threading.Event()
+    helper = threading.Thread(target=lambda: (waiting.set(), release.wait(30)))
+    helper.start()
+    waiting.wait(30)
+    real_fsync, order = os.fsync, []
+
+    def fsync_then_signal(fd):
+        real_fsync(fd)
+        signal.pthread_kill(helper.ident, signum)  # received by the helper, handled in this (main) thread
+        time.sleep(0.05)  # the handler would run here, mid-write, if the signal were not held back
+        order.append("fsync")
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync_then_signal)
+    previous = signal.signal(signum, raise_stop)
+    try:
+        with pytest.raises(Stop):
+            fileio.atomic_write_bytes(tmp_path / "file.bin", b"x" * 1000)
+            order.append("after the write")  # not reached: the handler raises as the write ends
+    finally:
+        signal.signal(signum, previous)
+        release.set()
+        helper.join()
+    assert order == ["fsync"]
+    assert os.listdir(tmp_path) == ["file.bin"] and (tmp_path / "file.bin").read_bytes() == b"x" * 1000
+
+
+def test_a_signal_while_a_checkpoint_is_encoded_acts_after_the_save(tmp_path, tasks, monkeypatch):
+    """A handler that raises inside ``zipfile`` leaves a write handle open, and closing the zip then raises
+    ValueError in place of the interruption (the CLI reported it as an error, exit 2, instead of SIGINT's 130):
+    the encoding waits for the signal like the write does, and the whole checkpoint is saved first."""
+    learner = learn_tasks(new_learner(), tasks, 0, 1)
+    real_close, sent = zipfile._ZipWriteFile.close, []
+
+    def close_with_a_signal(handle):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler would run right here
+            time.sleep(0.05)
+        return real_close(handle)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "close", close_with_a_signal)
+    previous = signal.signal(signal.SIGTERM, raise_stop)
+    try:
+        with pytest.raises(Stop):
+            save_learner(tmp_path / "ckpt.npz", learner, {"tasks": 1})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert sent and os.listdir(tmp_path) == ["ckpt.npz"]
+    assert load(tmp_path / "ckpt.npz").progress == {"tasks": 1}

@@ -135,7 +135,7 @@ def test_a_signal_mid_run_exits_with_the_resume_command_and_resumes_identically(
     _, err = process.communicate(timeout=60)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
-    assert process.returncode == code
+    assert process.returncode == code, err
     assert "Traceback" not in err
     assert f"interrupted by {signal.Signals(signum).name}" in err
     assert f"resume with: python -m spacenet_np.train --resume {cut}" in err
