@@ -65,7 +65,7 @@ class DenseCNN:
                 c, hh, ww, _ = h.shape
                 pooled = self._buffer(f"pool{l}", (c, hh // 2, ww // 2, batch))
                 winners = self._buffer(f"argmax{l}", pooled.shape, np.uint8)
-                kernels.pick(kernels.max_pool2, h.size * kernels.ELEMENT_WORK)(h, pooled, winners)
+                kernels.pick_by_elements(kernels.max_pool2, h.size)(h, pooled, winners)
                 argmax.append(winners)
                 h = pooled
             else:
@@ -84,7 +84,7 @@ class DenseCNN:
                 out = self._buffer(f"out{l}", (layer["W"].shape[0],) + h.shape[1:])
                 np.matmul(layer["W"], col.reshape(col.shape[0], -1), out=out.reshape(out.shape[0], -1))
             flat = out.reshape(out.shape[0], -1)
-            kernels.pick(kernels.add_bias, flat.size * kernels.ELEMENT_WORK)(flat, layer["b"], l < last)
+            kernels.pick_by_elements(kernels.add_bias, flat.size)(flat, layer["b"], l < last)
             h = out
         return h, inputs, cols, argmax
 
@@ -116,8 +116,8 @@ class DenseCNN:
             if below is not None and layer["pooled"]:
                 winners = argmax[l]
                 pre = self._buffer(f"pre{l}", (winners.shape[0], 2 * winners.shape[1], 2 * winners.shape[2], batch))
-                kernels.pick(kernels.max_pool2_backward, pre.size * kernels.ELEMENT_WORK)(
-                    below.reshape(winners.shape), winners, pre)
+                kernels.pick_by_elements(kernels.max_pool2_backward, pre.size)(below.reshape(winners.shape), winners,
+                                                                               pre)
                 below = pre
             delta = below
         return loss

@@ -86,7 +86,7 @@ def measure(rng, max_total_s):
             same_bits(pair, args, name)
             timed = time_interleaved({"serial": lambda: pair[0](*args), "parallel": lambda: pair[1](*args)},
                                      min_rounds=9, max_total_s=max_total_s)
-            chosen = "parallel" if kernels.pick(pair, elements * kernels.ELEMENT_WORK) is pair[1] else "serial"
+            chosen = "parallel" if kernels.pick_by_elements(pair, elements) is pair[1] else "serial"
             serial_s, parallel_s = timed["serial"]["median_s"], timed["parallel"]["median_s"]
             rows.append({"kernel": name, "elements": elements, "serial_ms": 1e3 * serial_s,
                          "parallel_ms": 1e3 * parallel_s, "parallel_speedup": serial_s / parallel_s,

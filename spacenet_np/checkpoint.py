@@ -19,7 +19,7 @@ array (name, dtype, shape, bytes). The zip comment, the last bytes of the file, 
 ``spacenet_np.checkpoint format_version=N sha256=HEX`` with HEX the sha256 of every byte before it, so the zip
 structure is covered too: a truncated file or a flipped byte anywhere is refused with ``CheckpointError`` (naming
 the file) instead of loading a different model.
-Files are written atomically (``fileio.atomic_write_bytes``: temporary file, fsync, rename) with fixed zip
+Files are written atomically (``fileio.atomic_write_encoded``: temporary file, fsync, rename) with fixed zip
 timestamps, so the same state always gives the same bytes. Nothing is pickled.
 
 Use::
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write_bytes, signals_deferred
+from .fileio import atomic_write_encoded, signals_deferred
 from .network import SparseNetwork, build_network
 from .spacenet import SpaceNet, SpaceNetConfig, StaticSparseNN
 from .strategy import input_statistics, predict
@@ -224,12 +224,10 @@ def _trailer_prefix(version):
 
 
 def _write(path, meta, arrays):
-    """Encode fully in memory first, so a serialization error never touches ``path``; then write atomically.
-    SIGINT and SIGTERM wait for the whole save: one that lands inside ``zipfile`` leaves a write handle open, and
-    closing the zip then raises ValueError in place of the interruption."""
+    """Encode fully in memory first, so a serialization error never touches ``path``; then write atomically
+    (signals wait for both)."""
     path = Path(path)
-    with signals_deferred():
-        atomic_write_bytes(path, _encode(meta, arrays))
+    atomic_write_encoded(path, lambda: _encode(meta, arrays))
     return path
 
 
@@ -258,7 +256,7 @@ def _read_file(path):
 
 def _load_bytes(path, data):
     """``load`` of the file contents ``data``; ``path`` names the file in errors."""
-    with signals_deferred():  # as in _write: zipfile would turn an interruption into a damaged-file error
+    with signals_deferred():  # as in atomic_write_encoded: zipfile would turn an interruption into a damaged file
         container = _parse_container(path, data)
     return _checkpoint_from(path, *container)
 

@@ -24,8 +24,15 @@ class WriteError(OSError):
 
 def atomic_write_bytes(path, payload):
     """Write ``payload`` to ``path`` atomically, creating the folder if needed. WriteError on failure."""
+    atomic_write_encoded(path, lambda: payload)
+
+
+def atomic_write_encoded(path, encode):
+    """Write the bytes ``encode()`` returns to ``path`` atomically; SIGINT and SIGTERM wait for the encoding too
+    (one that lands inside ``zipfile`` leaves a write handle open, and closing the zip then raises ValueError in
+    place of the interruption)."""
     with signals_deferred():
-        _write(Path(path), payload)
+        _write(Path(path), encode())
 
 
 def _write(path, payload):

@@ -74,11 +74,17 @@ def _build(func, fastmath=True):
 
 def pick(kernel_pair, work):
     """The serial build of ``kernel_pair`` for fewer than ``PARALLEL_MIN_WORK`` multiply-adds (``ELEMENT_WORK`` per
-    element for a kernel that only moves values) or where Numba runs one thread (``NUMBA_NUM_THREADS=1``,
-    ``numba.set_num_threads(1)`` as sweep workers do; the two builds give the same bits), else the parallel build."""
+    element for a kernel that only moves values: ``pick_by_elements``) or where Numba runs one thread
+    (``NUMBA_NUM_THREADS=1``, ``numba.set_num_threads(1)`` as sweep workers do; the two builds give the same bits),
+    else the parallel build."""
     if work < PARALLEL_MIN_WORK or numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1:
         return kernel_pair[0]
     return kernel_pair[1]
+
+
+def pick_by_elements(kernel_pair, n_elements):
+    """``pick`` for a kernel that only moves or compares values, by the number of elements it touches."""
+    return pick(kernel_pair, n_elements * ELEMENT_WORK)
 
 
 def _csr_forward(active_rows, indptr, indices, weights, bias, x, out, relu):

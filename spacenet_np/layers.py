@@ -271,7 +271,7 @@ class SparseLinear:
 
     def sgd_step(self, connections, grad, lr):
         """``W[connections] -= lr * grad`` and Omega (Eq. 3) ``+= |lr * grad**2|`` in one pass. grad (m,)."""
-        kernel = kernels.pick(kernels.sgd_step_with_importance, connections.size * kernels.ELEMENT_WORK)
+        kernel = kernels.pick_by_elements(kernels.sgd_step_with_importance, connections.size)
         kernel(connections, grad, np.float32(lr), self.weights, self.importance)
 
     def to_scipy(self):
@@ -362,9 +362,9 @@ class SparseConv2d(SparseLinear):
         cols = self._im2col(x)
         flat = out.reshape(out.shape[0], -1)
         np.matmul(self.dense_weights(), cols.reshape(cols.shape[0], -1), out=flat)
-        kernels.pick(kernels.add_bias, flat.size * kernels.ELEMENT_WORK)(flat, self.bias, relu)
+        kernels.pick_by_elements(kernels.add_bias, flat.size)(flat, self.bias, relu)
         if pool is not None:
-            kernels.pick(kernels.max_pool2, out.size * kernels.ELEMENT_WORK)(out, *pool)
+            kernels.pick_by_elements(kernels.max_pool2, out.size)(out, *pool)
         return out
 
     def _im2col(self, x):
@@ -409,7 +409,7 @@ class SparseConv2d(SparseLinear):
 
     def sgd_step(self, connections, grad, lr):
         """SGD on whole kernels; a kernel's Omega grows by the sum over its weights. grad (m, 9)."""
-        kernel = kernels.pick(kernels.sgd_step_kernels, connections.size * kernels.ELEMENT_WORK)
+        kernel = kernels.pick_by_elements(kernels.sgd_step_kernels, connections.size)
         kernel(connections, grad, np.float32(lr), self.weights, self.importance)
 
     def to_scipy(self):

@@ -457,8 +457,8 @@ class SparseCNN(SparseNetwork):
             step(l, delta, activations[l])
             if below is not None and self.pooled_input[l]:
                 pre = grads[l][1]
-                unpool = kernels.pick(kernels.max_pool2_backward, pre.size * kernels.ELEMENT_WORK)
-                unpool(below.reshape(argmax[l].shape), argmax[l], pre)
+                kernels.pick_by_elements(kernels.max_pool2_backward, pre.size)(below.reshape(argmax[l].shape),
+                                                                               argmax[l], pre)
                 below = pre
             if below is not None:  # a fully connected layer's input gradient, flat, to the maps below
                 below = below.reshape(outputs[l - 1].shape)
@@ -506,14 +506,13 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
     if np.ndim(mean) == 0:
-        kernel = kernels.pick(kernels.transpose_lookup, out.size * kernels.ELEMENT_WORK)
+        kernel = kernels.pick_by_elements(kernels.transpose_lookup, out.size)
         in_range = kernel(images, sample_ids, input_lookup(float(mean), float(std)), out)
     else:  # gathered first: the tiled kernel reads a contiguous copy 1.3x faster than scattered image rows
         in_range = kernels.ids_in_range(sample_ids, images.shape[0])
         if in_range:
             scale, shift = feature_affine(mean, std)
-            kernel = kernels.pick(kernels.transpose_standardize, out.size * kernels.ELEMENT_WORK)
-            kernel(images[sample_ids], scale, shift, out)
+            kernels.pick_by_elements(kernels.transpose_standardize, out.size)(images[sample_ids], scale, shift, out)
     if not in_range:
         raise IndexError(f"sample ids must be in [0, {images.shape[0]}), got {sample_ids.min()} to "
                          f"{sample_ids.max()}")

@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from .fileio import atomic_write_bytes, signals_deferred
+from .fileio import atomic_write_encoded, signals_deferred
 from .layers import FREE
 
 STATUS_COLUMNS = ("width", "reserved", "shared", "unused")
@@ -195,10 +195,11 @@ class Recorder:
     # ----- files -----
     def save(self, path):
         """Write every recorded array to ``path`` (.npz, no pickle) atomically."""
-        buffer = io.BytesIO()
-        with signals_deferred():  # an interruption inside zipfile would surface as its ValueError
+        def encode():
+            buffer = io.BytesIO()
             np.savez(buffer, **self.arrays)
-            atomic_write_bytes(path, buffer.getvalue())
+            return buffer.getvalue()
+        atomic_write_encoded(path, encode)
 
     @classmethod
     def load(cls, path):
