@@ -117,7 +117,7 @@ class DenseCNN:
                 winners = argmax[l]
                 pre = self._buffer(f"pre{l}", (winners.shape[0], 2 * winners.shape[1], 2 * winners.shape[2], batch))
                 kernels.pick_by_elements(kernels.max_pool2_backward, pre.size)(below.reshape(winners.shape), winners,
-                                                                               pre)
+                                                                               pre, kernels.NO_LEAVES)
                 below = pre
             delta = below
         return loss

@@ -37,7 +37,7 @@ def pool_cases(rng):
         winners = np.zeros(pooled.shape, np.uint8)
         kernels.max_pool2[0](x, pooled, winners)
         yield "max_pool2", x.size, (x, pooled, winners)
-        yield "max_pool2_backward", x.size, (pooled, winners, aligned_empty(x.shape))
+        yield "max_pool2_backward", x.size, (pooled, winners, aligned_empty(x.shape), kernels.NO_LEAVES)
 
 
 def pixel_cases(rng):

@@ -54,6 +54,7 @@ class SparseNetwork:
             layer.in_pos, layer.out_pos = neurons.index(layer.in_index), neurons.index(layer.out_index)
         self.known_classes = np.zeros(neurons[-1].width, dtype=bool)
         self._buffers = {}
+        self._fresh_sums = {}  # layer -> (its delta, block sums written with it), during a backward pass
 
     @property
     def n_features(self):
@@ -90,10 +91,19 @@ class SparseNetwork:
         def record(l, delta, inputs):
             layer = self.layers[l]
             weight_grads[l] = layer.weight_grad(np.arange(layer.nnz), delta, inputs)
-            bias_grads[l] = delta.reshape(delta.shape[0], -1).sum(axis=1)
+            bias_grads[l] = self.bias_grad(l, delta)
 
         self.backward(activations, delta_out, record)
         return loss, weight_grads, bias_grads
+
+    def bias_grad(self, l, delta):
+        """dL/db of layer ``l``: its delta (out slots, batch) or (out maps, H, W, batch) summed per slot, NumPy's
+        float32 sum bit for bit. Returns (out slots,) float32. Inside ``backward``'s ``step(l, delta, x)``, the
+        CNN's convolutions take the sums from block sums computed as delta was written (delta as written)."""
+        fresh = self._fresh_sums.get(l)
+        if fresh is not None and fresh[0] is delta:
+            return kernels.tree_sums(fresh[1])
+        return delta.reshape(delta.shape[0], -1).sum(axis=1)
 
     def snapshot(self):
         """Copies of everything a task can change: connections, slots, reserved lists, biases, known classes.
@@ -407,26 +417,38 @@ class SparseCNN(SparseNetwork):
 
     def buffers(self, batch):
         """Reusable arrays for ``batch`` samples, per layer: outputs, pooling winners, gradients (at the input
-        and before its pooling) and pooled inputs."""
+        and before its pooling), pooled inputs, and the block sums of the gradient at the output (``bias_grad``;
+        None where no kernel writes them)."""
         if batch not in self._buffers:
             if len(self._buffers) > 2:  # the training batch, an epoch's last batch, the evaluation batch
                 self._buffers.clear()
-            outputs, argmax, grads, pooled_inputs = [], [], [], []
-            for in_shape, out_shape, pre in self._shapes(batch):
+            outputs, argmax, grads, pooled_inputs, leaves = [], [], [], [], []
+            for l, (in_shape, out_shape, pre) in enumerate(self._shapes(batch)):
                 outputs.append(buffers.aligned_empty(out_shape))
                 pooled = None if pre is None else (pre[0], pre[1] // 2, pre[2] // 2, batch)
                 argmax.append(None if pre is None else buffers.aligned_empty(pooled, np.uint8))
                 pooled_inputs.append(None if pre is None else buffers.aligned_empty(pooled))
                 grads.append((buffers.aligned_empty(in_shape), None if pre is None else buffers.aligned_empty(pre)))
-            self._buffers[batch] = outputs, argmax, grads, pooled_inputs
+                leaves.append(self._leaf_buffer(l, out_shape))
+            self._buffers[batch] = outputs, argmax, grads, pooled_inputs, leaves
         return self._buffers[batch]
+
+    def _leaf_buffer(self, l, out_shape):
+        """Block sums for convolution ``l``'s delta where the layer above writes it as maps (its own input
+        gradient, or max pooling's backward pass) in blocks NumPy's sum splits at; else None."""
+        above = l + 1 < len(self.layers) and (isinstance(self.layers[l + 1], SparseConv2d) or self.pooled_input[l + 1])
+        if not isinstance(self.layers[l], SparseConv2d) or not above:
+            return None
+        maps, height, width, batch = out_shape
+        count = kernels.leaf_count(height * width * batch, width * batch)
+        return buffers.aligned_empty((maps, count)) if count else None
 
     def forward(self, x, reaching_output_only=False):
         """Inputs of every layer, then the logits. x (n_features, batch) float32, features in (channel, row,
         column) order. Returns a list: (maps, H, W, batch) for convolutions, (features, batch) for the fully
         connected layers, logits (n_classes, batch) last. The arrays are reused by the next call."""
         batch = x.shape[1]
-        outputs, argmax, _, pooled_inputs = self.buffers(batch)
+        outputs, argmax, _, pooled_inputs, _ = self.buffers(batch)
         inputs = [x.reshape(*self.image_shape, batch)]
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
@@ -448,21 +470,31 @@ class SparseCNN(SparseNetwork):
 
         ``step(l, delta, x)`` gets the gradient at layer ``l``'s output and the layer's input (``activations[l]``).
         """
-        outputs, argmax, grads, _ = self.buffers(delta_out.shape[1])
-        delta = delta_out
-        for l in range(len(self.layers) - 1, -1, -1):
-            below = None
-            if l > 0:
-                below = self.layers[l].backward_input(delta, activations[l], grads[l][0])
-            step(l, delta, activations[l])
-            if below is not None and self.pooled_input[l]:
-                pre = grads[l][1]
-                kernels.pick_by_elements(kernels.max_pool2_backward, pre.size)(below.reshape(argmax[l].shape),
-                                                                               argmax[l], pre)
-                below = pre
-            if below is not None:  # a fully connected layer's input gradient, flat, to the maps below
-                below = below.reshape(outputs[l - 1].shape)
-            delta = below
+        outputs, argmax, grads, _, leaves = self.buffers(delta_out.shape[1])
+        delta, self._fresh_sums = delta_out, {}
+        try:
+            for l in range(len(self.layers) - 1, -1, -1):
+                below, below_leaves = None, leaves[l - 1] if l > 0 else None
+                if l > 0:
+                    layer = self.layers[l]
+                    if isinstance(layer, SparseConv2d) and not self.pooled_input[l]:
+                        below = layer.backward_input(delta, activations[l], grads[l][0], below_leaves)
+                    else:
+                        below = layer.backward_input(delta, activations[l], grads[l][0])
+                step(l, delta, activations[l])
+                if below is not None and self.pooled_input[l]:
+                    pre = grads[l][1]
+                    kernels.pick_by_elements(kernels.max_pool2_backward, pre.size)(
+                        below.reshape(argmax[l].shape), argmax[l], pre,
+                        kernels.NO_LEAVES if below_leaves is None else below_leaves)
+                    below = pre
+                if below is not None:  # a fully connected layer's input gradient, flat, to the maps below
+                    below = below.reshape(outputs[l - 1].shape)
+                    if below_leaves is not None:
+                        self._fresh_sums[l - 1] = below, below_leaves
+                delta = below
+        finally:
+            self._fresh_sums = {}
 
 
 def _pooled_size(height, width, where):

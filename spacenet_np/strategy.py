@@ -317,7 +317,7 @@ class Learner:
     def bias_grad(self, l, delta):
         """dL/db of layer ``l`` from its delta (out slots, batch), or (out maps, H, W, batch). Returns (out slots,)
         float32; methods add penalty gradients here."""
-        return delta.reshape(delta.shape[0], -1).sum(axis=1)
+        return self.model.bias_grad(l, delta)
 
     def init_weights(self, layer, rows, cols, count):
         """``count`` Xavier-uniform weights for new connections of ``layer`` between the slots ``rows`` x ``cols``.

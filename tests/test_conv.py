@@ -277,7 +277,7 @@ def test_conv_backward_input_matches_transposed_reference(build, maps, image, ba
     out = np.full((n_in, height, width, batch), np.nan, np.float32)
 
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
-                                       flat_rows(activation), flat_rows(out), batch)
+                                       flat_rows(activation), flat_rows(out), batch, kernels.NO_LEAVES)
 
     expected = conv_transpose_ref(delta, ks.K) * (activation > 0)
     assert_close(out, expected, conv_transpose_ref(np.abs(delta), np.abs(ks.K)))
@@ -359,7 +359,7 @@ def test_max_pool2_and_backward_match_reference(build, n_maps, half, odd, batch,
 
     delta = rng.normal(size=out.shape).astype(np.float32)
     routed = np.full((n_maps, 2 * h2, 2 * w2, batch), np.nan, np.float32)
-    kernels.max_pool2_backward[build](delta, argmax, routed)
+    kernels.max_pool2_backward[build](delta, argmax, routed, kernels.NO_LEAVES)
     assert np.array_equal(routed, max_pool_backward_ref(delta, argmax))
     # Every window passes its delta to exactly one position.
     per_window = np.count_nonzero(routed.reshape(n_maps, h2, 2, w2, 2, batch), axis=(2, 4))
@@ -383,7 +383,8 @@ def test_max_pool2_tie_rule_and_position_code(build):
     assert argmax[0, 0, 0].tolist() == list(windows.values())
     assert out[0, 0, 0].tolist() == [max(p) for p in windows]
     routed = np.full(x.shape, np.nan, np.float32)
-    kernels.max_pool2_backward[build](np.full((1, 1, 1, batch), 7.0, np.float32), argmax, routed)
+    kernels.max_pool2_backward[build](np.full((1, 1, 1, batch), 7.0, np.float32), argmax, routed,
+                                      kernels.NO_LEAVES)
     for b, code in enumerate(windows.values()):
         expected = np.zeros(4)
         expected[code] = 7.0
@@ -630,7 +631,7 @@ def conv_kernel_outputs(build, ks, x, delta, batch):
     kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch, True,
                                 *kernels.NO_POOL)
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
-                                       flat_rows(x), flat_rows(grad_in), batch)
+                                       flat_rows(x), flat_rows(grad_in), batch, kernels.NO_LEAVES)
     kernels.conv_weight_grad[build](np.arange(ks.nnz), ks.rows, ks.indices, flat_rows(delta), flat_rows(x), grad,
                                     batch)
     return out, grad_in, grad
@@ -759,7 +760,7 @@ def dense_kernels(layer):
 def pattern(model, batch):
     """Every piecewise-linear choice of the last forward pass that reaches the loss: the ReLU signs of the
     hidden outputs that feed the next layer directly; for pooled outputs, the winners and the pooled signs."""
-    outputs, argmax, _, pooled = model.buffers(batch)
+    outputs, argmax, _, pooled, _ = model.buffers(batch)
     choices = []
     for l in range(len(model.layers) - 1):
         if model.pooled_input[l + 1]:

@@ -4,7 +4,8 @@ A fastmath kernel's summation order is the compiler's choice for the CPU it comp
 bits between two compiled paths holds on one CPU and can fail on another (it did: two dL/dW kernels agreed on Zen 4
 and not on Zen 3). Each target below that this machine can run gets its own Numba cache and reruns the tests of
 those claims in a child process: the fused step against the per-layer path, one call per epoch against one per
-batch, frozen rows copied against computed, and the serial against the parallel builds.
+batch, frozen rows copied against computed, the serial against the parallel builds, and the convolutions' bias
+gradients from block sums against NumPy's sums.
 """
 import os
 import platform
@@ -22,6 +23,7 @@ CLAIMS = [
     "tests/test_fused_step.py::test_a_diverging_loss_stops_both_ways_at_the_same_batch",
     "tests/test_frozen.py::test_copying_frozen_outputs_gives_the_same_bits",
     "tests/test_kernels.py::test_serial_and_parallel_builds_give_the_same_bits",
+    "tests/test_block_sums.py",
 ]
 AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")
 
