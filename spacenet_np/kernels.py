@@ -721,6 +721,7 @@ def tree_sums(leaf_sums):
 
 
 NO_POOL = (np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.uint8))  # conv_forward without pooling
+NO_MAPS = NO_POOL[0]  # conv_forward with pooling, the maps before it not stored
 MIN_WORK_ITEMS = 8  # row pairs x map groups per convolution call: enough for 8 threads
 
 
@@ -746,14 +747,17 @@ def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu, pooled, a
 
     indptr (n_out + 1,), indices (nnz,) input maps, weights (nnz, 9), bias (n_out,), x (n_in, H, W * batch),
     out (n_out, H, W * batch): maps with the batch innermost, rows flattened (W >= 2), C-contiguous; pooled
-    (n_out, H // 2, W // 2 * batch) float32 and argmax (the same shape, uint8), or ``NO_POOL``. Cost: 9
-    multiply-adds per kernel, pixel and sample. Work goes by pairs of output rows, every output map of one pair
-    before the next, so that the few input rows a pair reads stay in cache for all the maps that read them; the
-    two rows share the loads of their input rows, and are pooled while still in cache (no second pass over
-    ``out``). Each output row is written by one thread, kernels in order: the result does not depend on the
+    (n_out, H // 2, W // 2 * batch) float32 and argmax (the same shape, uint8), or ``NO_POOL``. With pooling,
+    out may be ``NO_MAPS``: the maps are then kept a row pair at a time, never stored (nothing needs them
+    after pooling, and storing them costs their write to memory: 16 MB per batch for conv 2 of the paper's CNN).
+    Cost: 9 multiply-adds per kernel, pixel and sample. Work goes by pairs of output rows, every output map of
+    one pair before the next, so that the few input rows a pair reads stay in cache for all the maps that read
+    them; the two rows share the loads of their input rows, and are pooled while still in cache (no second pass
+    over ``out``). Each output row is written by one thread, kernels in order: the result does not depend on the
     threads.
     """
-    n_out, height, row_size = out.shape
+    stored = out.size > 0
+    n_out, height, row_size = (out.shape[0] if stored else pooled.shape[0]), x.shape[1], x.shape[2]
     n, plane = _U(row_size), _U(height * row_size)
     xf, outf = x.reshape(x.size), out.reshape(out.size)
     pooledf, argmaxf = pooled.reshape(pooled.size), argmax.reshape(argmax.size)
@@ -764,20 +768,21 @@ def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu, pooled, a
     for item in prange(pairs * groups):
         h, first, end = _work_item(item, groups, n_out)
         paired = h + 1 < height
+        rows = outf if stored else np.empty(2 * row_size, np.float32)  # the item's row pair, in cache
         for o in range(first, end):
-            a0 = _U(o) * plane + _U(h) * n
+            a0 = _U(o) * plane + _U(h) * n if stored else _U(0)
             a1 = a0 + n if paired else a0  # rows a0 to a1 + n are the item's
-            outf[a0:a1 + n] = bias[o]
+            rows[a0:a1 + n] = bias[o]
             for k in range(indptr[o], indptr[o + 1]):
                 r0, r1, r2, r3 = _row_offsets(_U(indices[k]) * plane, h, height, n)
-                _kernel_rows(outf, a0, a1, xf, r0, r1, r2, r3, weights[k], False, h > 0, h + 2 < height, paired,
+                _kernel_rows(rows, a0, a1, xf, r0, r1, r2, r3, weights[k], False, h > 0, h + 2 < height, paired,
                              batch, n)
             if relu:
                 for j in range(a0, a1 + n):
-                    outf[j] = max(outf[j], np.float32(0.0))
+                    rows[j] = max(rows[j], np.float32(0.0))
             if pooled.size and paired:
                 p0 = (_U(o) * _U(height // 2) + _U(h // 2)) * pool_row
-                _pool_pair(outf, a0, a1, pooledf, argmaxf, p0, half_width, _U(batch))
+                _pool_pair(rows, a0, a1, pooledf, argmaxf, p0, half_width, _U(batch))
 
 
 @numba.njit(**_FAST)

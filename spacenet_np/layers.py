@@ -351,14 +351,20 @@ class SparseConv2d(SparseLinear):
 
         ``pool``: (pooled, argmax), both (out maps, H // 2, W // 2, batch) (float32, uint8), to also write the
         2 x 2 max pooling of ``out`` (``kernels.max_pool2``), which the sparse path does while ``out`` is in cache.
+        With ``pool``, ``out`` may be None: the maps before pooling are then not kept (returns None).
         """
         self._cols = None
+        if out is None and pool is None:
+            raise ValueError("SparseConv2d.forward: out=None needs pool (nothing would keep the result)")
         if not self.dense_path():
             kernel = kernels.pick(kernels.conv_forward, self.nnz * 9 * x[0].size)
             pooled = kernels.NO_POOL if pool is None else (_rows(pool[0]), _rows(pool[1]))
-            kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), _rows(out), x.shape[3], relu,
-                   *pooled)
+            maps = kernels.NO_MAPS if out is None else _rows(out)
+            kernel(self.indptr, self.indices, self.weights, self.bias, _rows(x), maps, x.shape[3], relu, *pooled)
             return out
+        if out is None:  # the dense path computes whole maps, then pools them
+            self.forward(x, self._workspace("maps", (self.out_index.n_slots,) + x.shape[1:]), relu, pool=pool)
+            return None
         cols = self._im2col(x)
         flat = out.reshape(out.shape[0], -1)
         np.matmul(self.dense_weights(), cols.reshape(cols.shape[0], -1), out=flat)

@@ -416,15 +416,17 @@ class SparseCNN(SparseNetwork):
         return shapes
 
     def buffers(self, batch):
-        """Reusable arrays for ``batch`` samples, per layer: outputs, pooling winners, gradients (at the input
-        and before its pooling), pooled inputs, and the block sums of the gradient at the output (``bias_grad``;
+        """Reusable arrays for ``batch`` samples, per layer: outputs (None where the next layer pools them: the
+        convolution pools its maps as it computes them), pooling winners, gradients (at the input and before its
+        pooling), pooled inputs, and the block sums of the gradient at the output (``bias_grad``;
         None where no kernel writes them)."""
         if batch not in self._buffers:
             if len(self._buffers) > 2:  # the training batch, an epoch's last batch, the evaluation batch
                 self._buffers.clear()
             outputs, argmax, grads, pooled_inputs, leaves = [], [], [], [], []
             for l, (in_shape, out_shape, pre) in enumerate(self._shapes(batch)):
-                outputs.append(buffers.aligned_empty(out_shape))
+                pooled_next = l + 1 < len(self.layers) and self.pooled_input[l + 1]
+                outputs.append(None if pooled_next else buffers.aligned_empty(out_shape))  # pooled as computed
                 pooled = None if pre is None else (pre[0], pre[1] // 2, pre[2] // 2, batch)
                 argmax.append(None if pre is None else buffers.aligned_empty(pooled, np.uint8))
                 pooled_inputs.append(None if pre is None else buffers.aligned_empty(pooled))
@@ -488,8 +490,9 @@ class SparseCNN(SparseNetwork):
                         below.reshape(argmax[l].shape), argmax[l], pre,
                         kernels.NO_LEAVES if below_leaves is None else below_leaves)
                     below = pre
-                if below is not None:  # a fully connected layer's input gradient, flat, to the maps below
-                    below = below.reshape(outputs[l - 1].shape)
+                if below is not None:
+                    if not self.pooled_input[l]:  # a fully connected layer's input gradient, flat, to the maps below
+                        below = below.reshape(outputs[l - 1].shape)
                     if below_leaves is not None:
                         self._fresh_sums[l - 1] = below, below_leaves
                 delta = below

@@ -262,6 +262,12 @@ def test_conv_forward_pools_as_max_pool2(build, maps, image, batch, density, lev
     values, where = max_pool_ref(plain)
     assert np.array_equal(pooled, values)
     assert np.array_equal(argmax, where)
+    # Without storing the maps (kernels.NO_MAPS: each item keeps its row pair): the same pooling, bit for bit.
+    pooled[:], argmax[:] = np.nan, 255
+    conv(ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), kernels.NO_MAPS, batch, True, flat_rows(pooled),
+         flat_rows(argmax))
+    assert np.array_equal(pooled, values)
+    assert np.array_equal(argmax, where)
 
 
 # ----- conv_backward_input -----
@@ -901,3 +907,23 @@ def test_sparse_cnn_gradients_with_empty_maps(path):
     numeric = np.array([np.nan if v is None else v for v in numeric])
     assert np.count_nonzero(~np.isnan(numeric)) >= 3
     assert gradient_mismatch(bias_grads[1], numeric, layer_scale(numeric, numeric)) <= 1.0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_convolution_pools_without_keeping_its_maps(path):
+    """``SparseConv2d.forward(x, None, pool=...)`` (how the network runs a convolution whose maps are pooled)
+    pools the same bits as with the maps kept; without ``pool`` it refuses, since nothing would keep the result."""
+    model, x, _ = build_cnn(0, batch=4)
+    set_path(model, path)
+    layer, maps_in = model.layers[1], model.forward(x)[1]
+    kept = np.empty((layer.out_index.n_slots,) + maps_in.shape[1:], np.float32)
+    pooled_shape = (layer.out_index.n_slots, maps_in.shape[1] // 2, maps_in.shape[2] // 2, 4)
+    results = []
+    for out in (kept, None):
+        pooled, argmax = np.full(pooled_shape, np.nan, np.float32), np.full(pooled_shape, 255, np.uint8)
+        assert layer.forward(maps_in, out, relu=True, pool=(pooled, argmax)) is out
+        results.append((pooled, argmax))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert np.array_equal(results[0][0], max_pool_ref(kept)[0])
+    with pytest.raises(ValueError, match="out=None needs pool"):
+        layer.forward(maps_in, None, relu=True)
