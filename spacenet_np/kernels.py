@@ -876,25 +876,44 @@ def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, o
 
 
 @numba.njit(**_FAST)
-def _dot3(d, r0, r1, r2):
-    """``(d . r0, d . r1, d . r2)`` over equal-length vectors, float32."""
-    s0 = s1 = s2 = np.float32(0.0)
+def _dot9(d, u0, u1, u2, m0, m1, m2, l0, l1, l2):
+    """``d . r`` for the nine vectors r (equal lengths, float32) in one pass over d. Returns a 9-tuple."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = np.float32(0.0)
     for j in range(d.shape[0]):
-        s0 += d[j] * r0[j]
-        s1 += d[j] * r1[j]
-        s2 += d[j] * r2[j]
-    return s0, s1, s2
+        dj = d[j]
+        s0 += dj * u0[j]
+        s1 += dj * u1[j]
+        s2 += dj * u2[j]
+        s3 += dj * m0[j]
+        s4 += dj * m1[j]
+        s5 += dj * m2[j]
+        s6 += dj * l0[j]
+        s7 += dj * l1[j]
+        s8 += dj * l2[j]
+    return s0, s1, s2, s3, s4, s5, s6, s7, s8
 
 
 @numba.njit(**_FAST)
-def _row_tap_dots(d, r, batch):
-    """``sum_x d[x] * r[x + dx]`` for dx = -1, 0, 1 over map rows flattened to (width * batch,), with zero
-    padding. Returns (left, mid, right) float32."""
+def _add_tap_dots(d, up, mid, down, batch, g, has_up, has_down):
+    """``g[t] += sum_x d[x] * r_dy[x + dx]`` for the nine taps t = (dy, dx), the rows r_-1, r_0, r_1 = up, mid,
+    down (map rows flattened to (width * batch,)), zero padding at the row ends; taps of a row outside the map
+    (``has_up``/``has_down`` False: that row is any placeholder) are left out. g (9,) float32. One pass over d
+    for the nine sums (1.2-1.26x over a pass per row: d is loaded once)."""
     n = d.shape[0]
-    left, mid, right = _dot3(d[batch:n - batch], r[:n - 2 * batch], r[batch:n - batch], r[2 * batch:])
-    _, mid0, right0 = _dot3(d[:batch], r[:batch], r[:batch], r[batch:2 * batch])
-    left1, mid1, _ = _dot3(d[n - batch:], r[n - 2 * batch:n - batch], r[n - batch:], r[n - batch:])
-    return left + left1, mid + mid0 + mid1, right + right0
+    a = _dot9(d[batch:n - batch], up[:n - 2 * batch], up[batch:n - batch], up[2 * batch:], mid[:n - 2 * batch],
+              mid[batch:n - batch], mid[2 * batch:], down[:n - 2 * batch], down[batch:n - batch], down[2 * batch:])
+    b = _dot9(d[:batch], up[:batch], up[:batch], up[batch:2 * batch], mid[:batch], mid[:batch],
+              mid[batch:2 * batch], down[:batch], down[:batch], down[batch:2 * batch])
+    e = _dot9(d[n - batch:], up[n - 2 * batch:n - batch], up[n - batch:], up[n - batch:],
+              mid[n - 2 * batch:n - batch], mid[n - batch:], mid[n - batch:], down[n - 2 * batch:n - batch],
+              down[n - batch:], down[n - batch:])
+    for row in range(3):
+        if (row == 0 and not has_up) or (row == 2 and not has_down):
+            continue
+        t = 3 * row
+        g[t] += a[t] + e[t]  # dx = -1: the first pixel has no left neighbour
+        g[t + 1] += a[t + 1] + b[t + 1] + e[t + 1]
+        g[t + 2] += a[t + 2] + b[t + 2]  # dx = +1: the last pixel has no right neighbour
 
 
 def _conv_weight_grad(connections, rows, indices, delta, x, grad, batch):
@@ -910,13 +929,9 @@ def _conv_weight_grad(connections, rows, indices, delta, x, grad, batch):
         o, c = rows[k], indices[k]
         g = np.zeros(9, np.float32)
         for h in range(height):
-            for dy in range(-1, 2):
-                if 0 <= h + dy < height:
-                    left, mid, right = _row_tap_dots(delta[o, h], x[c, h + dy], batch)
-                    t = 3 * (dy + 1)
-                    g[t] += left
-                    g[t + 1] += mid
-                    g[t + 2] += right
+            up = x[c, h - 1] if h > 0 else x[c, h]
+            down = x[c, h + 1] if h + 1 < height else x[c, h]
+            _add_tap_dots(delta[o, h], up, x[c, h], down, batch, g, h > 0, h + 1 < height)
         grad[q] = g
 
 
