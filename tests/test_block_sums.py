@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_conv import BUILDS, PATHS, KernelSet, build_cnn, flat_rows, relu_like, set_path
+from test_conv import BUILDS, PATHS, backward_input_problem, build_cnn, flat_rows, set_path
 
 from spacenet_np import kernels
 from spacenet_np.network import softmax_cross_entropy
@@ -52,10 +52,7 @@ def test_block_sums_folded_by_tree_sums_are_numpys_sums(build, n_maps, log_leave
        seed=st.integers(0, 2**32 - 1))
 def test_conv_backward_input_writes_the_block_sums_of_its_output(build, maps, height, shape, density, seed):
     (n_out, n_in), (width, batch) = maps, shape
-    rng = np.random.default_rng(seed)
-    ks = KernelSet(rng, n_out, n_in, density)
-    delta = rng.normal(size=(n_out, height, width, batch)).astype(np.float32)
-    activation = relu_like(rng, (n_in, height, width, batch))
+    ks, delta, activation = backward_input_problem(seed, n_out, n_in, height, width, batch, density)
     count = kernels.leaf_count(height * width * batch, width * batch)
     assert count > 0
     outputs = []

@@ -271,15 +271,20 @@ def test_conv_forward_pools_as_max_pool2(build, maps, image, batch, density, lev
 
 
 # ----- conv_backward_input -----
+def backward_input_problem(seed, n_out, n_in, height, width, batch, density):
+    """Random kernels, a delta (n_out, H, W, batch) and a ReLU-like input activation (n_in, H, W, batch)."""
+    rng = np.random.default_rng(seed)
+    ks = KernelSet(rng, n_out, n_in, density)
+    delta = rng.normal(size=(n_out, height, width, batch)).astype(np.float32)
+    return ks, delta, relu_like(rng, (n_in, height, width, batch))
+
+
 @pytest.mark.parametrize("build", BUILDS)
 @SETTINGS
 @given(maps=maps_st, image=image_st, batch=batch_st, density=density_st, seed=seed_st)
 def test_conv_backward_input_matches_transposed_reference(build, maps, image, batch, density, seed):
     (n_out, n_in), (height, width) = maps, image
-    rng = np.random.default_rng(seed)
-    ks = KernelSet(rng, n_out, n_in, density)
-    delta = rng.normal(size=(n_out, height, width, batch)).astype(np.float32)
-    activation = relu_like(rng, (n_in, height, width, batch))
+    ks, delta, activation = backward_input_problem(seed, n_out, n_in, height, width, batch, density)
     out = np.full((n_in, height, width, batch), np.nan, np.float32)
 
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
