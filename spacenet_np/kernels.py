@@ -741,6 +741,7 @@ def tree_sums(leaf_sums):
 
 NO_POOL = (np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), np.uint8))  # conv_forward without pooling
 NO_MAPS = NO_POOL[0]  # conv_forward with pooling, the maps before it not stored
+NO_SKIP = np.zeros(0, np.bool_)  # conv_backward_input: every input map's gradient
 MIN_WORK_ITEMS = 8  # row pairs x map groups per convolution call: enough for 8 threads
 
 
@@ -842,14 +843,15 @@ def _add_bias(out, bias, relu):
                 row[i] += b_o
 
 
-def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, out, batch, leaf_sums):
+def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, out, batch, leaf_sums, skip):
     """``out = conv3x3_transpose(delta) * (activation > 0)``: the loss gradient at the input maps, through ReLU.
 
     col_ptr (n_in + 1,), col_order (nnz,) kernel ids grouped by input map, rows (nnz,) output maps,
     weights (nnz, 9), delta (n_out, H, W * batch), activation and out (n_in, H, W * batch), C-contiguous. Input
     pixel (h, w) receives tap (dy, dx) from output pixel (h - dy, w - dx): the kernel rotated by 180 degrees.
     Work goes by pairs of rows, as in ``_conv_forward``. ``leaf_sums``: (n_in, ``leaf_count``) to receive out's
-    block sums (``tree_sums``), or ``NO_LEAVES``.
+    block sums (``tree_sums``), or ``NO_LEAVES``. ``skip``: bool (n_in,), input maps whose gradient the caller
+    does not use (they get zeros, and no work), or ``NO_SKIP``.
     """
     n_in, height, row_size = out.shape
     n, plane = _U(row_size), _U(height * row_size)
@@ -864,7 +866,8 @@ def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, o
             a0 = _U(c) * plane + _U(h) * n
             a1 = a0 + n if paired else a0
             outf[a0:a1 + n] = 0.0
-            for p in range(col_ptr[c], col_ptr[c + 1]):
+            last = col_ptr[c] if skip.size and skip[c] else col_ptr[c + 1]  # an unused map: zeros, no kernels
+            for p in range(col_ptr[c], last):
                 k = col_order[p]
                 r0, r1, r2, r3 = _row_offsets(_U(rows[k]) * plane, h, height, n)
                 _kernel_rows(outf, a0, a1, deltaf, r0, r1, r2, r3, weights[k], True, h > 0, h + 2 < height,

@@ -386,15 +386,17 @@ class SparseConv2d(SparseLinear):
             self._buffers[name] = buffers.aligned_empty(shape)
         return self._buffers[name]
 
-    def backward_input(self, delta, input_activation, out, leaf_sums=None):
+    def backward_input(self, delta, input_activation, out, leaf_sums=None, unused=None):
         """Gradient at the input maps through their ReLU. delta (out maps, H, W, batch),
         input_activation/out (in maps, H, W, batch). ``leaf_sums``: (in maps, ``kernels.leaf_count``) float32 to
-        receive the block sums of ``out`` that ``kernels.tree_sums`` turns into its per-map sums."""
+        receive the block sums of ``out`` that ``kernels.tree_sums`` turns into its per-map sums. ``unused``: bool
+        (in maps,), maps whose gradient the caller does not read: the sparse path gives them zeros without
+        computing them."""
         leaves = kernels.NO_LEAVES if leaf_sums is None else leaf_sums
         if not self.dense_path():
             kernel = kernels.pick(kernels.conv_backward_input, self.nnz * 9 * delta[0].size)
             kernel(self.col_ptr, self.col_order, self.rows, self.weights, _rows(delta), _rows(input_activation),
-                   _rows(out), delta.shape[3], leaves)
+                   _rows(out), delta.shape[3], leaves, kernels.NO_SKIP if unused is None else unused)
             return out
         cols = self._workspace("grad_cols", (9 * out.shape[0],) + out.shape[1:])
         np.matmul(self.dense_weights().T, delta.reshape(delta.shape[0], -1), out=cols.reshape(cols.shape[0], -1))

@@ -467,10 +467,12 @@ class SparseCNN(SparseNetwork):
             inputs.append(following)
         return inputs + [outputs[last]]
 
-    def backward(self, activations, delta_out, step):
+    def backward(self, activations, delta_out, step, unused_inputs=None):
         """Backpropagate ``delta_out`` (n_classes, batch) from the top layer down; see ``SparseMLP.backward``.
 
         ``step(l, delta, x)`` gets the gradient at layer ``l``'s output and the layer's input (``activations[l]``).
+        ``unused_inputs``: per layer, None or bool (in maps,) of a convolution's input maps whose gradient ``step``
+        never reads (``unused_input_gradients``): they get zeros instead.
         """
         outputs, argmax, grads, _, leaves = self.buffers(delta_out.shape[1])
         delta, self._fresh_sums = delta_out, {}
@@ -479,8 +481,10 @@ class SparseCNN(SparseNetwork):
                 below, below_leaves = None, leaves[l - 1] if l > 0 else None
                 if l > 0:
                     layer = self.layers[l]
-                    if isinstance(layer, SparseConv2d) and not self.pooled_input[l]:
-                        below = layer.backward_input(delta, activations[l], grads[l][0], below_leaves)
+                    if isinstance(layer, SparseConv2d):
+                        written = None if self.pooled_input[l] else below_leaves  # else max pooling writes them
+                        unused = None if unused_inputs is None else unused_inputs[l]
+                        below = layer.backward_input(delta, activations[l], grads[l][0], written, unused)
                     else:
                         below = layer.backward_input(delta, activations[l], grads[l][0])
                 step(l, delta, activations[l])
@@ -498,6 +502,26 @@ class SparseCNN(SparseNetwork):
                 delta = below
         finally:
             self._fresh_sums = {}
+
+
+    def unused_input_gradients(self, trainable, bias_masks):
+        """Per layer, the input maps of a convolution whose gradient a plain SGD step (``trainable`` connection
+        ids and ``bias_masks`` per layer) never reads, bool (in maps,), or None. A map's gradient is read when its
+        bias trains, when a trainable kernel goes into it, or when a kernel goes into it from a map below whose
+        gradient is read (the backward pass computes that one from it). In SpaceNet: the maps of the first
+        convolution that earlier tasks reserved."""
+        unused, read = [None] * len(self.layers), None
+        for l, layer in enumerate(self.layers):
+            if not isinstance(layer, SparseConv2d):
+                break
+            if read is not None:
+                unused[l] = ~read
+            now = bias_masks[l] != 0
+            now[layer.rows[trainable[l]]] = True
+            if read is not None:
+                now[layer.rows[read[layer.indices]]] = True
+            read = now
+        return unused
 
 
 def _pooled_size(height, width, where):

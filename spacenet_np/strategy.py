@@ -25,7 +25,7 @@ import numpy as np
 from .buffers import aligned_empty
 from .frozen import FrozenOutputs
 from .layers import SparseLinear
-from .network import SparseMLP, SparseNetwork, input_lookup, softmax_cross_entropy, standardize_batch
+from .network import SparseCNN, SparseMLP, SparseNetwork, input_lookup, softmax_cross_entropy, standardize_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,7 +265,11 @@ class Learner:
                                          self.loss_classes, outputs, ids)
         activations = self.model.forward(x, reaching_output_only=True)
         loss, delta = softmax_cross_entropy(activations[-1], labels, self.loss_classes)
-        self.model.backward(activations, delta, self.sgd_update)
+        if type(self.model) is SparseCNN and self.plain_step():
+            unused = self.model.unused_input_gradients(self.trainable, self.bias_trainable)
+            self.model.backward(activations, delta, self.sgd_update, unused)
+        else:
+            self.model.backward(activations, delta, self.sgd_update)
         return loss
 
     def fused_step_applies(self, x, labels):
@@ -277,19 +281,26 @@ class Learner:
         would change the bias step's precision); and the arrays are of the kernel's types
         (``SparseMLP.fused_step_supported``: a float32 batch, int64 connection ids, float32 bias masks).
         """
-        model, cls = self.model, type(self)
+        model, lr = self.model, self.config.lr
         if not self.fused_step or type(model) is not SparseMLP:
             return False
+        return (self.plain_step() and (type(lr) is float or type(lr) is int)
+                and all(type(layer) is SparseLinear for layer in model.layers)
+                and model.fused_step_supported(x, labels, self.trainable, self.bias_trainable, self.loss_classes))
+
+    def plain_step(self):
+        """Whether a training step is ``Learner``'s own: ``sgd_update``, ``weight_grad`` and ``bias_grad`` are
+        plain (``PLAIN_STEP_METHODS``) and none is replaced on the instance, and no per-step hook is on
+        (SpaceNet's ``official_importance``). Such a step reads the gradients of trainable connections and
+        biases only."""
         if getattr(self, "official_importance", None) is not None:
             return False
+        cls = type(self)
         plain = _PLAIN_CLASSES.get(cls)
         if plain is None:
             plain = _PLAIN_CLASSES[cls] = all(getattr(cls, name) in functions
                                               for name, functions in PLAIN_STEP_METHODS.items())
-        lr = self.config.lr
-        return (plain and PLAIN_STEP_METHODS.keys().isdisjoint(vars(self)) and (type(lr) is float or type(lr) is int)
-                and all(type(layer) is SparseLinear for layer in model.layers)
-                and model.fused_step_supported(x, labels, self.trainable, self.bias_trainable, self.loss_classes))
+        return plain and PLAIN_STEP_METHODS.keys().isdisjoint(vars(self))
 
     def softmax_classes(self, state):
         """``softmax_scope="seen"``: (n_classes,) bool of the classes learned so far and ``state``'s; None (all

@@ -59,7 +59,8 @@ def test_conv_backward_input_writes_the_block_sums_of_its_output(build, maps, he
     for leaves in (kernels.NO_LEAVES, np.full((n_in, count), np.nan, np.float32)):
         out = np.full((n_in, height, width, batch), np.nan, np.float32)
         kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
-                                           flat_rows(activation), flat_rows(out), batch, leaves)
+                                           flat_rows(activation), flat_rows(out), batch, leaves,
+                                           kernels.NO_SKIP)
         outputs.append(out)
     assert np.array_equal(outputs[0], outputs[1])  # the sums change nothing in the gradient
     assert np.array_equal(bits(kernels.tree_sums(leaves)), bits(numpy_sums(out)))

@@ -750,6 +750,31 @@ def assert_statistics_equal(mean, std):
         assert got.tobytes() == expected.tobytes(), "per-feature statistics changed in the round trip"
 
 
+def test_skipping_the_gradients_nothing_reads_changes_no_bit(cnn_tasks, monkeypatch):
+    """From the second task on, SpaceNet's plain step leaves out the input gradient at the first convolution's
+    reserved maps (their bias is frozen and no trainable kernel goes into them: nothing reads it); the run ends
+    bit for bit where computing every gradient ends."""
+    skipped, unused_maps = [], SparseCNN.unused_input_gradients
+
+    def recording(model, trainable, bias_masks):
+        unused = unused_maps(model, trainable, bias_masks)
+        skipped.append(sum(int(u.sum()) for u in unused if u is not None))
+        return unused
+
+    passed_on, backward_input = [], SparseConv2d.backward_input
+
+    def seeing(layer, delta, activation, out, leaf_sums=None, unused=None):
+        passed_on.append(0 if unused is None else int(unused.sum()))
+        return backward_input(layer, delta, activation, out, leaf_sums, unused)
+
+    monkeypatch.setattr(SparseCNN, "unused_input_gradients", recording)
+    monkeypatch.setattr(SparseConv2d, "backward_input", seeing)
+    lean = learn_tasks(new_cnn_learner(), cnn_tasks, 0, 3)
+    assert skipped[0] == 0 and max(skipped) > 0 and sum(passed_on) == sum(skipped)  # every mask reached a layer
+    monkeypatch.setattr(SparseCNN, "unused_input_gradients", lambda model, *masks: [None] * len(model.layers))
+    assert_cnns_identical(lean.model, learn_tasks(new_cnn_learner(), cnn_tasks, 0, 3).model)
+
+
 @pytest.mark.parametrize("cls", [SpaceNet, StaticSparseNN, FineTune])
 def test_cnn_learner_checkpoint_continues_bit_identically(tmp_path, cnn_tasks, cls):
     straight = learn_tasks(new_cnn_learner(cls), cnn_tasks, 0, 3)

@@ -288,11 +288,28 @@ def test_conv_backward_input_matches_transposed_reference(build, maps, image, ba
     out = np.full((n_in, height, width, batch), np.nan, np.float32)
 
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
-                                       flat_rows(activation), flat_rows(out), batch, kernels.NO_LEAVES)
+                                       flat_rows(activation), flat_rows(out), batch, kernels.NO_LEAVES,
+                                       kernels.NO_SKIP)
 
     expected = conv_transpose_ref(delta, ks.K) * (activation > 0)
     assert_close(out, expected, conv_transpose_ref(np.abs(delta), np.abs(ks.K)))
     assert np.all(out[activation <= 0] == 0.0)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@SETTINGS
+@given(maps=maps_st, image=image_st, batch=batch_st, density=density_st, seed=seed_st)
+def test_conv_backward_input_gives_unused_maps_zeros_and_the_others_their_bits(build, maps, image, batch, density,
+                                                                               seed):
+    (n_out, n_in), (height, width) = maps, image
+    ks, delta, activation = backward_input_problem(seed, n_out, n_in, height, width, batch, density)
+    unused = np.random.default_rng(seed).random(n_in) < 0.5
+    full, partial = (np.full((n_in, height, width, batch), np.nan, np.float32) for _ in range(2))
+    for out, skip in ((full, kernels.NO_SKIP), (partial, unused)):
+        kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
+                                           flat_rows(activation), flat_rows(out), batch, kernels.NO_LEAVES, skip)
+    assert np.array_equal(partial[~unused], full[~unused])
+    assert np.all(partial[unused] == 0.0)
 
 
 # ----- conv_weight_grad -----
@@ -642,7 +659,8 @@ def conv_kernel_outputs(build, ks, x, delta, batch):
     kernels.conv_forward[build](ks.indptr, ks.indices, ks.weights, bias, flat_rows(x), flat_rows(out), batch, True,
                                 *kernels.NO_POOL)
     kernels.conv_backward_input[build](ks.col_ptr, ks.col_order, ks.rows, ks.weights, flat_rows(delta),
-                                       flat_rows(x), flat_rows(grad_in), batch, kernels.NO_LEAVES)
+                                       flat_rows(x), flat_rows(grad_in), batch, kernels.NO_LEAVES,
+                                       kernels.NO_SKIP)
     kernels.conv_weight_grad[build](np.arange(ks.nnz), ks.rows, ks.indices, flat_rows(delta), flat_rows(x), grad,
                                     batch)
     return out, grad_in, grad
