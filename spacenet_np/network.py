@@ -503,7 +503,6 @@ class SparseCNN(SparseNetwork):
         finally:
             self._fresh_sums = {}
 
-
     def unused_input_gradients(self, trainable, bias_masks):
         """Per layer, the input maps of a convolution whose gradient a plain SGD step (``trainable`` connection
         ids and ``bias_masks`` per layer) never reads, bool (in maps,), or None. A map's gradient is read when its
