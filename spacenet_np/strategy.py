@@ -258,6 +258,8 @@ class Learner:
         ``sgd_update`` as the backward pass's step. Both do the same float32 operations in the same order, except
         the loss's exp and log (libm's in the kernel, NumPy's SIMD ones here: up to 2 ulp apart). ``frozen``:
         (``frozen_outputs``, the batch's sample ids in it), which the fused step copies the frozen rows from.
+        With a plain step (``plain_step``), a ``SparseCNN`` leaves out the input gradients that nothing reads
+        (``SparseCNN.unused_input_gradients``).
         """
         if self.fused_step_applies(x, labels):
             outputs, ids = (None, None) if frozen is None else frozen
