@@ -723,19 +723,15 @@ def tree_sums(leaf_sums):
     pairwise tree, added to 0 as NumPy's reduction does. Returns (n_maps,) float32."""
     n_maps, size = leaf_sums.shape
     out = np.empty(n_maps, np.float32)
-    work = np.empty(max(size // 2, 1), np.float32)
+    work = np.empty(size, np.float32)
     for c in range(n_maps):
-        total = leaf_sums[c, 0]
-        m = size // 2
-        if m:
+        work[:] = leaf_sums[c]
+        m = size
+        while m > 1:  # pair neighbours, level by level
+            m //= 2
             for i in range(m):
-                work[i] = leaf_sums[c, 2 * i] + leaf_sums[c, 2 * i + 1]
-            while m > 1:
-                m //= 2
-                for i in range(m):
-                    work[i] = work[2 * i] + work[2 * i + 1]
-            total = work[0]
-        out[c] = np.float32(0.0) + total
+                work[i] = work[2 * i] + work[2 * i + 1]
+        out[c] = np.float32(0.0) + work[0]
     return out
 
 
