@@ -1233,3 +1233,6 @@ def _lowest_ties(a_out, sorted_in, order, occupied, out, score, marked):
                     kept += 1
         if kept == out.size:
             return
+
+
+numba_cache.load_without_registries(globals())

@@ -103,3 +103,42 @@ def test_import_from_a_read_only_installation(tmp_path, blocked, temp_writable):
     else:
         assert (cache, folder, n_warnings) == ("False", "None", "1")
         assert "no writable folder for Numba's cache" in messages[0]
+
+
+CACHED_RUN = """
+import hashlib, sys
+import numpy as np
+from spacenet_np import SparseCNN, SparseMLP, SpaceNet, SpaceNetConfig, kernels
+
+kernels.PARALLEL_MIN_WORK = 0 if sys.argv[1] == "parallel" else 1 << 62
+rng = np.random.default_rng(0)
+images, labels = rng.random((96, 2 * 8 * 8), dtype=np.float32), np.repeat(np.arange(4), 24)
+digest = hashlib.sha256()
+for model, density in ((SparseMLP(128, (20, 20), 4), 0.2), (SparseCNN((2, 8, 8), (6, 6, 6, 6), (12,), 4), 0.12)):
+    n_layers = len(model.layers)
+    config = SpaceNetConfig(connections_per_task=(density,) * n_layers, selected_neurons=(None,) * (n_layers - 1),
+                            reserved_neurons=(1,) * (n_layers - 1), epochs=2, batch_size=16, lr=0.05)
+    learner = SpaceNet(model, config, seed=3, input_mean=0.5, input_std=0.3)
+    for task in (0, 1):
+        chosen = (labels // 2) == task
+        learner.learn(images[chosen], labels[chosen], np.array([2 * task, 2 * task + 1]))
+    digest.update(learner.predict(images).tobytes())
+    for layer in model.layers:
+        digest.update(layer.W.data.tobytes())
+print(digest.hexdigest(), "numba.np.arraymath" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("build", ["serial", "parallel"])
+def test_cached_kernels_load_without_numba_compiler_registries(tmp_path, build):
+    """A process that finds its kernels in the cache does not import Numba's compiler registries
+    (``load_without_registries``) and computes the same bits as the process that compiled them: MLP and CNN
+    SpaceNet, two tasks, weights and predictions; the parallel builds (threading layer loaded from the cache) too."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "NUMBA_NUM_THREADS": "2"}
+    runs = [subprocess.run([sys.executable, "-c", CACHED_RUN, build], env=env, capture_output=True, text=True,
+                           timeout=900) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    (compiled_digest, compiled_registries), (loaded_digest, loaded_registries) = [r.stdout.split() for r in runs]
+    assert compiled_registries == "True", "the first run found a cache in a new folder"
+    assert loaded_registries == "False", "loading from the cache imported Numba's compiler registries"
+    assert loaded_digest == compiled_digest
