@@ -18,7 +18,8 @@ steps are compiled without fastmath to reproduce NumPy's float32 roundings and s
 Kernels are compiled on first use and cached on disk (``cache=True``). ``numba_cache.configure`` picks the cache
 folder before numba is imported: ``$NUMBA_CACHE_DIR`` if set, else the package's ``__pycache__``, else a user or
 temporary folder, so that a read-only installation imports; with no writable folder at all caching is off
-(``CACHE``), with one warning.
+(``CACHE``), with one warning. A process whose kernels are all in the cache loads them without Numba's compiler
+set-up (``numba_cache.load_without_registries``, applied to every kernel at the end of this module).
 
 Allocation and growth inside a task's block of positions, without materializing the block:
 

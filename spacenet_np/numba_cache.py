@@ -119,4 +119,4 @@ def load_without_registries(namespace):
     for value in namespace.values():
         for kernel in value if isinstance(value, tuple) else (value,):  # a tuple: serial and parallel builds
             if isinstance(kernel, Dispatcher) and type(getattr(kernel, "_cache", None)) is FunctionCache:
-                kernel._cache = KernelCache(kernel.py_func)
+                kernel._cache.__class__ = KernelCache  # the same state; a new cache would probe its folder again
