@@ -393,10 +393,11 @@ class SparseConv2d(SparseLinear):
         (in maps,), maps whose gradient the caller does not read: the sparse path gives them zeros without
         computing them."""
         leaves = kernels.NO_LEAVES if leaf_sums is None else leaf_sums
+        skip = kernels.NO_SKIP if unused is None else unused
         if not self.dense_path():
             kernel = kernels.pick(kernels.conv_backward_input, self.nnz * 9 * delta[0].size)
             kernel(self.col_ptr, self.col_order, self.rows, self.weights, _rows(delta), _rows(input_activation),
-                   _rows(out), delta.shape[3], leaves, kernels.NO_SKIP if unused is None else unused)
+                   _rows(out), delta.shape[3], leaves, skip)
             return out
         cols = self._workspace("grad_cols", (9 * out.shape[0],) + out.shape[1:])
         np.matmul(self.dense_weights().T, delta.reshape(delta.shape[0], -1), out=cols.reshape(cols.shape[0], -1))

@@ -513,11 +513,10 @@ class SparseCNN(SparseNetwork):
         for l, layer in enumerate(self.layers):
             if not isinstance(layer, SparseConv2d):
                 break
-            if read is not None:
-                unused[l] = ~read
             now = bias_masks[l] != 0
             now[layer.rows[trainable[l]]] = True
             if read is not None:
+                unused[l] = ~read
                 now[layer.rows[read[layer.indices]]] = True
             read = now
         return unused
