@@ -90,7 +90,8 @@ _FRESH = {}
 def fresh_builds():
     """The engine's kernel functions compiled here, serial and parallel, without the on-disk cache.
 
-    Same source and options as the engine's builds (copied from their ``targetoptions``). Needed because the
+    Same source, options and compiler as the engine's builds (copied from their ``targetoptions`` and
+    pipeline class: ``kernels.NoAliasCompiler`` for some serial builds). Needed because the
     engine's two builds of a function share one Numba cache entry (see :func:`shared_cache_entries`), so a cached
     "serial" build may run the parallel code or the reverse. Returns {name: (serial, parallel)}.
     """
@@ -103,7 +104,7 @@ def fresh_builds():
             for parallel, engine_build in ((False, pair[0]), (True, pair[1])):
                 options = {k: v for k, v in engine_build.targetoptions.items() if k not in ("cache", "nopython")}
                 options.update(parallel=parallel, cache=False)
-                builds.append(numba.njit(**options)(py_func))
+                builds.append(numba.njit(pipeline_class=engine_build._compiler.pipeline_class, **options)(py_func))
             _FRESH[name] = tuple(builds)
     return _FRESH
 

@@ -264,6 +264,7 @@ class SparseMLP(SparseNetwork):
         layers, activations, deltas, scratch, frozen, record = self._step_arguments(x.shape[1], lr, trainable,
                                                                                   bias_masks, frozen)
         activations[0] = x
+        kernels.check_no_overlap(x, *activations[1:], *deltas[1:])
         masked = classes is not None
         loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), scratch[0], labels, masked,
                                       classes if masked else _ALL_CLASSES, float(lr), scratch[1], scratch[2],
@@ -288,6 +289,7 @@ class SparseMLP(SparseNetwork):
         layers, activations, deltas, scratch, frozen, record = self._step_arguments(
             batch, lr, trainable, bias_masks, frozen)
         activations[0] = x
+        kernels.check_no_overlap(x, *activations[1:], *deltas[1:])
         masked = classes is not None
         batch_losses = np.empty(order.shape[0] // batch, np.float32)
         trained = kernels.mlp_train_batches(layers, tuple(activations), tuple(deltas), scratch[0], images, order, lut,
@@ -562,6 +564,7 @@ def standardize_batch(images, sample_ids, mean, std, out=None):
     sample_ids = np.asarray(sample_ids)
     if out is None:
         out = np.empty((images.shape[1], sample_ids.shape[0]), dtype=np.float32)
+    kernels.check_no_overlap(out, images, sample_ids)
     if np.ndim(mean) == 0:
         kernel = kernels.pick_by_elements(kernels.transpose_lookup, out.size)
         in_range = kernel(images, sample_ids, input_lookup(float(mean), float(std)), out)

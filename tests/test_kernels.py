@@ -355,6 +355,53 @@ def test_standardize_batch_matches_the_formula():
     np.testing.assert_allclose(out, (images[ids].T / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
 
 
+def test_standardize_batch_refuses_an_output_overlapping_the_images():
+    memory = np.zeros(4 * 6 * 4, np.uint8)  # float32 (6, 4) output laid over the uint8 images
+    images, out = memory.reshape(16, 6), memory.view(np.float32).reshape(6, 4)
+    with pytest.raises(ValueError, match="overlaps"):
+        standardize_batch(images, np.arange(4), 0.5, 0.25, out=out)
+
+
+# ----- the no-alias builds -----
+def _definition_line(dispatcher):
+    """The ``define`` line of the compiled function itself (not its Python wrappers) in its LLVM IR."""
+    llvm = next(iter(dispatcher.inspect_llvm().values()))
+    return next(line for line in llvm.splitlines()
+                if line.startswith("define") and "cpython" not in line and "cfunc" not in line)
+
+
+def test_no_alias_compiler_marks_the_array_arguments():
+    def double_into(x, out):
+        for i in range(x.shape[0]):
+            out[i] = 2.0 * x[i]
+
+    plain = numba.njit(cache=False)(double_into)
+    marked = numba.njit(cache=False, pipeline_class=kernels.NoAliasCompiler)(double_into)
+    x = np.arange(8, dtype=np.float32)
+    for function in (plain, marked):
+        out = np.zeros(8, np.float32)
+        function(x, out)
+        np.testing.assert_array_equal(out, 2 * x)
+    # Numba marks its return and exception pointers noalias in both; the marked build adds the arrays' pointers
+    assert _definition_line(marked).count("noalias") >= _definition_line(plain).count("noalias") + 2
+
+
+@pytest.mark.parametrize("name", ["csr_forward", "csc_backward_input", "transpose_lookup"])
+def test_only_the_serial_builds_of_the_no_alias_kernels_use_the_compiler(name):
+    serial, parallel = getattr(kernels, name)
+    assert serial._compiler.pipeline_class is kernels.NoAliasCompiler
+    assert parallel._compiler.pipeline_class is not kernels.NoAliasCompiler  # its gufunc gets views as arguments
+
+
+def test_sparse_linear_refuses_an_output_overlapping_its_inputs():
+    layer = dense_linear_layer(random_csr(np.random.default_rng(0), 6, 6, 0.5))
+    x, delta = np.ones((6, 4), np.float32), np.ones((6, 4), np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        layer.forward(x, x, relu=True)
+    with pytest.raises(ValueError, match="overlaps"):
+        layer.backward_input(delta, x, x[:, ::-1])
+
+
 # ----- segment_sum -----
 @SETTINGS
 @given(n=st.integers(1, 200), n_segments=st.integers(1, 30), seed=seeds)
