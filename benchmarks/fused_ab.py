@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine_info, md_table, reproduce_command, write_results
-from benchmarks.fused_parts import fresh, record_epochs, same_result
+from benchmarks.fused_parts import fresh, parse_replay_options, record_epochs, same_result
 from spacenet_np import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +82,7 @@ def measure(recorded, other, rounds):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.fused_ab", description=__doc__.splitlines()[0])
     p.add_argument("--against", required=True, help="git revision whose spacenet_np/kernels.py is compared")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    args, argv = parse_replay_options(p, argv, rounds=8)
     machine = machine_info()
     other = kernels_at(args.against)
     recorded = record_epochs(args.seed)

@@ -273,14 +273,21 @@ def markdown(rows, summary, rounds, seed):
     ])
 
 
+def parse_replay_options(parser, argv, rounds):
+    """Add ``--rounds`` (default ``rounds``) and ``--seed`` to ``parser``, parse ``argv`` (None: the command line).
+    Returns (the options, argv as a list)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = parser.parse_args(argv)
+    if options.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {options.rounds}")
+    return options, argv
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.fused_parts", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    args, argv = parse_replay_options(p, argv, rounds=5)
     machine = machine_info()
     recorded = record_epochs(args.seed)
     whole, parts, work, batches, calls = measure(recorded, args.rounds)
