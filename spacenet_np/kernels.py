@@ -42,8 +42,10 @@ CACHE = numba_cache.configure()  # before numba is imported: Numba reads NUMBA_C
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
 from numba import prange  # noqa: E402
 from numba.core.compiler import Compiler  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 _U = np.uint64  # unsigned indices: Numba adds no negative-index fix, which would stop vectorization
 _U1, _U2, _U3, _U4 = _U(1), _U(2), _U(3), _U(4)  # (Numba types uint64 + int as float64)
@@ -71,6 +73,34 @@ def _masked_bits(g, a):
     magnitude = a & 0x7FFFFFFF
     at_most_zero = ((magnitude - 1) >> 31) | ((a >> 31) & ((magnitude - 0x7F800001) >> 31))  # -1 or 0
     return g & ~at_most_zero
+
+
+@intrinsic
+def _float_bits(typingctx, value):
+    """The int32 whose bits are those of the float32 ``value`` (an LLVM bitcast: no instruction). Used instead of
+    an int32 view of the array, whose implementation is a Numba function that brings ``numba.np.arrayobj`` into
+    every process loading the kernel from the cache (about 40 ms)."""
+    if value == numba.float32:
+        return numba.int32(value), lambda context, builder, signature, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def _bits_float(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits`` (an LLVM bitcast)."""
+    if bits == numba.int32:
+        return numba.float32(bits), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
+
+
+@numba.njit(cache=CACHE, nogil=True, inline="always")
+def _relu(v):
+    """``0.0 if v < 0 else v`` for a float32, bit for bit (``_relu_bits``)."""
+    return _bits_float(np.int32(_relu_bits(_float_bits(v))))
+
+
+@numba.njit(cache=CACHE, nogil=True, inline="always")
+def _masked(g, a):
+    """``0.0 if a <= 0 else g`` for float32 g and a, bit for bit (``_masked_bits``)."""
+    return _bits_float(np.int32(_masked_bits(_float_bits(g), _float_bits(a))))
 
 
 # fastmath without reassociation, for kernels whose sums run across the products of one pass, not along the vector
@@ -107,9 +137,9 @@ def _build(func, fastmath=True, noalias=False):
     The parallel build compiles a renamed twin of ``func``: Numba's on-disk cache is keyed by the function's
     qualified name, not by ``parallel=``, so one name would let the two builds overwrite each other's cache.
     ``fastmath``: True (every flag) or a set of LLVM fast-math flags (``IN_ORDER``). ``noalias``: the serial build
-    is compiled by ``NoAliasCompiler``. Not the parallel build: its loop body is compiled as a separate function
-    that gets an array and views of it (``out.view(np.int32)``) as separate arguments, which must not be
-    ``noalias``; Numba marks that function ``noalias`` itself where its arguments do not alias.
+    is compiled by ``NoAliasCompiler``. Not the parallel build: Numba compiles its loop body as a separate
+    function and marks that one ``noalias`` itself where its own analysis finds that the arrays it gets do not
+    alias (views of one array, say), while the flag set here would be carried over to it even where they do.
     """
     options = dict(fastmath=fastmath, cache=CACHE, nogil=True, boundscheck=False)
     twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel", func.__defaults__,
@@ -145,7 +175,6 @@ def _csr_forward(active_rows, indptr, indices, weights, bias, x, out, relu):
     1.0-1.1x serial at split MNIST's; positions: 1.08-1.2x serial there).
     """
     batch = _U(x.shape[1])
-    out_bits = out.view(np.int32)
     for q in prange(active_rows.shape[0]):
         i = _U(active_rows[q])
         b_i = bias[i]
@@ -167,7 +196,7 @@ def _csr_forward(active_rows, indptr, indices, weights, bias, x, out, relu):
             k += _U1
         if relu:
             for b in range(batch):
-                out_bits[i, b] = _relu_bits(out_bits[i, b])
+                out[i, b] = _relu(out[i, b])
 
 
 def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, out):
@@ -179,7 +208,6 @@ def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, ou
     connection gets zeros and no ReLU pass. Rows and positions are indexed as in ``_csr_forward``.
     """
     batch = _U(delta.shape[1])
-    out_bits, activation_bits = out.view(np.int32), activation.view(np.int32)
     for q in prange(out.shape[0]):
         j = _U(q)
         p = _U(col_ptr[j])
@@ -217,7 +245,7 @@ def _csc_backward_input(col_ptr, col_order, rows, weights, delta, activation, ou
                 out[j, b] += w * delta[i, b]
             p += _U1
         for b in range(batch):
-            out_bits[j, b] = _masked_bits(out_bits[j, b], activation_bits[j, b])
+            out[j, b] = _masked(out[j, b], activation[j, b])
 
 
 def _sampled_weight_grad(connections, rows, indices, delta, x, grad):
@@ -823,9 +851,8 @@ def _conv_forward(indptr, indices, weights, bias, x, out, batch, relu, pooled, a
                 _kernel_rows(rows, a0, a1, xf, r0, r1, r2, r3, weights[k], False, h > 0, h + 2 < height, paired,
                              batch, n)
             if relu:
-                row_bits = rows.view(np.int32)
                 for j in range(a0, a1 + n):
-                    row_bits[j] = _relu_bits(row_bits[j])
+                    rows[j] = _relu(rows[j])
             if pooled.size and paired:
                 p0 = (_U(o) * _U(height // 2) + _U(h // 2)) * pool_row
                 _pool_pair(rows, a0, a1, pooledf, argmaxf, p0, half_width, _U(batch))
@@ -881,7 +908,6 @@ def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, o
     n_in, height, row_size = out.shape
     n, plane = _U(row_size), _U(height * row_size)
     deltaf, actf, outf = delta.reshape(delta.size), activation.reshape(activation.size), out.reshape(out.size)
-    out_bits, act_bits = outf.view(np.int32), actf.view(np.int32)
     pairs = (height + 1) // 2
     groups = _map_groups(pairs, n_in)
     for item in prange(pairs * groups):
@@ -898,7 +924,7 @@ def _conv_backward_input(col_ptr, col_order, rows, weights, delta, activation, o
                 _kernel_rows(outf, a0, a1, deltaf, r0, r1, r2, r3, weights[k], True, h > 0, h + 2 < height,
                              paired, batch, n)
             for j in range(a0, a1 + n):
-                out_bits[j] = _masked_bits(out_bits[j], act_bits[j])
+                outf[j] = _masked(outf[j], actf[j])
             if leaf_sums.size:
                 _block_sums(outf, _U(c) * plane, _U(h) * n, a1 + n - a0, leaf_sums, c)
 

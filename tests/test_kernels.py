@@ -589,10 +589,10 @@ NAN_PAYLOADS = np.array([0x7F800001, 0x7FC00001, 0x7FFFFFFF, -1, -0x00400001, -0
 
 
 @numba.njit(fastmath=True)
-def _relu_all(bits):
-    out = np.empty_like(bits)
-    for j in range(bits.size):
-        out[j] = kernels._relu_bits(bits[j])
+def _relu_all(values):
+    out = np.empty_like(values)
+    for j in range(values.size):
+        out[j] = kernels._relu(values[j])
     return out
 
 
@@ -600,21 +600,21 @@ def _relu_all(bits):
 def _masked_all(grads, activations):
     out = np.empty_like(grads)
     for j in range(grads.size):
-        out[j] = kernels._masked_bits(grads[j], activations[j])
+        out[j] = kernels._masked(grads[j], activations[j])
     return out
 
 
 @settings(max_examples=60, deadline=None)
 @given(words=st.lists(st.integers(-2**31, 2**31 - 1), max_size=40), seed=seeds)
 def test_relu_and_its_mask_on_bits_are_the_float_definitions(words, seed):
-    """``_relu_bits`` is ``0.0 if v < 0 else v`` and ``_masked_bits`` is ``0.0 if a <= 0 else g``, bit for bit, on
-    any float32 bits: -0.0 kept by the ReLU and masked by the mask, NaNs of either sign (and their payloads) kept;
-    in a loop long enough to run vectorized."""
+    """``_relu`` is ``0.0 if v < 0 else v`` and ``_masked`` is ``0.0 if a <= 0 else g``, bit for bit (through
+    ``_relu_bits``, ``_masked_bits`` and bitcasts), on any float32 bits: -0.0 kept by the ReLU and masked by the
+    mask, NaNs of either sign (and their payloads) kept; in a loop long enough to run vectorized."""
     bits = np.concatenate([np.array(words, np.int32), SPECIAL_FLOATS, NAN_PAYLOADS])
     bits = np.concatenate([bits, np.random.default_rng(seed).permutation(bits)])  # each word paired with others
     values = bits.view(np.float32)
     relu = np.where(values < 0, np.float32(0.0), values)
-    assert np.array_equal(_relu_all(bits), relu.view(np.int32))
+    assert np.array_equal(_relu_all(values).view(np.int32), relu.view(np.int32))
     grads = np.roll(bits, 1)
     masked = np.where(values <= 0, np.float32(0.0), grads.view(np.float32))
-    assert np.array_equal(_masked_all(grads, bits), masked.view(np.int32))
+    assert np.array_equal(_masked_all(grads.view(np.float32), values).view(np.int32), masked.view(np.int32))
