@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 import argparse
 import importlib.util
+import re
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def kernels_at(revision):
         raise SystemExit(f"error: kernels.py at {revision!r} has no line {CACHE_LINE!r} to turn the cache off")
     source = shown.stdout.replace("from . import numba_cache", "from spacenet_np import numba_cache")
     source = source.replace(CACHE_LINE, "CACHE = False")
-    name = f"kernels_at_{revision.replace('/', '_').replace('~', '_').replace('^', '_')}"
+    name = "kernels_at_" + re.sub(r"\W", "_", revision)  # a module name: no dots, slashes, ...
     path = Path(tempfile.mkdtemp(prefix="fused_ab_")) / f"{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
@@ -71,7 +72,12 @@ def measure(recorded, other, rounds):
     with the same bits in both."""
     tree, revision, same = [0.0] * rounds, [0.0] * rounds, True
     for call in recorded:
-        same = same and same_result(replay(kernels, call)[1], replay(other, call)[1])  # (compiles the revision's)
+        try:
+            theirs = replay(other, call)[1]  # (compiles the revision's kernels)
+        except Exception as err:  # Numba's TypingError among others: an older signature
+            raise SystemExit(f"error: the revision's mlp_train_batches does not take the working tree's arguments "
+                             f"(its signature differs): {str(err).splitlines()[0]}") from None
+        same = same and same_result(replay(kernels, call)[1], theirs)
         for r in range(rounds):
             order = ((kernels, tree), (other, revision)) if r % 2 == 0 else ((other, revision), (kernels, tree))
             for module, seconds in order:
