@@ -390,7 +390,7 @@ def test_no_alias_compiler_marks_the_array_arguments():
 def test_only_the_serial_builds_of_the_no_alias_kernels_use_the_compiler(name):
     serial, parallel = getattr(kernels, name)
     assert serial._compiler.pipeline_class is kernels.NoAliasCompiler
-    assert parallel._compiler.pipeline_class is not kernels.NoAliasCompiler  # its gufunc gets views as arguments
+    assert parallel._compiler.pipeline_class is not kernels.NoAliasCompiler  # Numba decides for its loop bodies
 
 
 def test_sparse_linear_refuses_an_output_overlapping_its_inputs():
