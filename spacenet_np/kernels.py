@@ -56,25 +56,6 @@ PARALLEL_MIN_WORK = 1 << 23  # multiply-adds below which the serial build is fas
 ELEMENT_WORK = 64
 
 
-# ReLU and its mask, on float32 bits. The float forms (``if v < 0: v = 0``, ``max(v, 0)``) do not vectorize in these
-# loops (Numba lowers them with a branch): a ReLU pass took 5-8x an add's time. The same choices made by integer
-# operations on the bits vectorize, and give the same bits (-0.0 and NaN included; tests/test_kernels.py).
-@numba.njit(cache=CACHE, nogil=True, inline="always")
-def _relu_bits(t):
-    """The bits of ``0.0 if v < 0 else v`` for the float32 v whose bits (int32) are t."""
-    below = (t & 0x7FFFFFFF) - 1  # -1 for +-0.0, >= 0x7F800000 for NaN
-    negative = (t >> 31) & (((below - 0x7F800000) & ~below) >> 31)  # -1 where v < 0, else 0
-    return t & ~negative
-
-
-@numba.njit(cache=CACHE, nogil=True, inline="always")
-def _masked_bits(g, a):
-    """The bits of ``0.0 if a <= 0 else g`` for the float32 g and a whose bits (int32) are g and a."""
-    magnitude = a & 0x7FFFFFFF
-    at_most_zero = ((magnitude - 1) >> 31) | ((a >> 31) & ((magnitude - 0x7F800001) >> 31))  # -1 or 0
-    return g & ~at_most_zero
-
-
 @intrinsic
 def _float_bits(typingctx, value):
     """The int32 whose bits are those of the float32 ``value`` (an LLVM bitcast: no instruction). Used instead of
@@ -91,16 +72,25 @@ def _bits_float(typingctx, bits):
         return numba.float32(bits), lambda context, builder, signature, args: builder.bitcast(args[0], ir.FloatType())
 
 
+# ReLU and its mask, on float32 bits. The float forms (``if v < 0: v = 0``, ``max(v, 0)``) do not vectorize in these
+# loops (Numba lowers them with a branch): a ReLU pass took 5-8x an add's time. The same choices made by integer
+# operations on the bits vectorize, and give the same bits (-0.0 and NaN included; tests/test_kernels.py).
 @numba.njit(cache=CACHE, nogil=True, inline="always")
 def _relu(v):
-    """``0.0 if v < 0 else v`` for a float32, bit for bit (``_relu_bits``)."""
-    return _bits_float(np.int32(_relu_bits(_float_bits(v))))
+    """``0.0 if v < 0 else v`` for a float32, bit for bit."""
+    t = _float_bits(v)
+    below = (t & 0x7FFFFFFF) - 1  # -1 for +-0.0, >= 0x7F800000 for NaN
+    negative = (t >> 31) & (((below - 0x7F800000) & ~below) >> 31)  # -1 where v < 0, else 0
+    return _bits_float(np.int32(t & ~negative))
 
 
 @numba.njit(cache=CACHE, nogil=True, inline="always")
 def _masked(g, a):
-    """``0.0 if a <= 0 else g`` for float32 g and a, bit for bit (``_masked_bits``)."""
-    return _bits_float(np.int32(_masked_bits(_float_bits(g), _float_bits(a))))
+    """``0.0 if a <= 0 else g`` for float32 g and a, bit for bit."""
+    a_bits = _float_bits(a)
+    magnitude = a_bits & 0x7FFFFFFF
+    at_most_zero = ((magnitude - 1) >> 31) | ((a_bits >> 31) & ((magnitude - 0x7F800001) >> 31))  # -1 or 0
+    return _bits_float(np.int32(_float_bits(g) & ~at_most_zero))
 
 
 # fastmath without reassociation, for kernels whose sums run across the products of one pass, not along the vector

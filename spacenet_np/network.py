@@ -261,12 +261,10 @@ class SparseMLP(SparseNetwork):
         the frozen rows' deltas are then not meaningful (nothing uses them). Returns the loss (float). Once the
         buffers for this structure and batch size exist (``buffers``, ``step_buffers``), nothing is allocated.
         """
-        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x.shape[1], lr, trainable,
-                                                                                  bias_masks, frozen)
-        activations[0] = x
-        kernels.check_no_overlap(x, *activations[1:], *deltas[1:])
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x, lr, trainable, bias_masks,
+                                                                                  frozen)
         masked = classes is not None
-        loss = kernels.mlp_train_step(layers, tuple(activations), tuple(deltas), scratch[0], labels, masked,
+        loss = kernels.mlp_train_step(layers, activations, deltas, scratch[0], labels, masked,
                                       classes if masked else _ALL_CLASSES, float(lr), scratch[1], scratch[2],
                                       _NO_ROWS if frozen is None else sample_ids, record)
         if record:
@@ -286,13 +284,11 @@ class SparseMLP(SparseNetwork):
         if order.shape[0] % batch or labels.shape[0] != images.shape[0]:
             raise ValueError(f"train_batches takes whole batches of {batch} and one label per image, got "
                              f"{order.shape[0]} ids, {images.shape[0]} images and {labels.shape[0]} labels")
-        layers, activations, deltas, scratch, frozen, record = self._step_arguments(
-            batch, lr, trainable, bias_masks, frozen)
-        activations[0] = x
-        kernels.check_no_overlap(x, *activations[1:], *deltas[1:])
+        layers, activations, deltas, scratch, frozen, record = self._step_arguments(x, lr, trainable, bias_masks,
+                                                                                  frozen)
         masked = classes is not None
         batch_losses = np.empty(order.shape[0] // batch, np.float32)
-        trained = kernels.mlp_train_batches(layers, tuple(activations), tuple(deltas), scratch[0], images, order, lut,
+        trained = kernels.mlp_train_batches(layers, activations, deltas, scratch[0], images, order, lut,
                                             labels, np.empty(batch, labels.dtype), masked,
                                             classes if masked else _ALL_CLASSES, float(lr), scratch[1], scratch[2],
                                             record, float(loss_limit), batch_losses)
@@ -302,13 +298,16 @@ class SparseMLP(SparseNetwork):
             frozen.recorded += trained * batch
         return batch_losses[:trained]
 
-    def _step_arguments(self, batch, lr, trainable, bias_masks, frozen):
-        """What ``kernels.mlp_train_step`` reads for a batch of ``batch`` samples at learning rate ``lr``: (its
-        per-layer tuples, the activation and gradient buffers, (weight gradients, two scratch rows), ``frozen`` if
-        it holds else None, whether the step records frozen outputs)."""
+    def _step_arguments(self, x, lr, trainable, bias_masks, frozen):
+        """What ``kernels.mlp_train_step`` reads for the input batch x (n_features, batch) at learning rate ``lr``:
+        (its per-layer tuples, the activations (x, then the buffers) and gradient buffers as tuples, (weight
+        gradients, two scratch rows), ``frozen`` if it holds else None, whether the step records frozen outputs).
+        ValueError if x overlaps a buffer (the no-alias kernels' precondition)."""
         self.update_active_rows()
-        activations, deltas = self.buffers(batch)
-        scratch = self.step_buffers(batch, trainable)
+        activations, deltas = self.buffers(x.shape[1])
+        activations[0] = x
+        kernels.check_no_overlap(x, *activations[1:], *deltas[1:])
+        scratch = self.step_buffers(x.shape[1], trainable)
         if frozen is not None and not frozen.current(self, trainable, bias_masks):
             frozen = None
         n = len(self.layers)
@@ -322,7 +321,7 @@ class SparseMLP(SparseNetwork):
                         layer.col_order, layer.importance, connections, mask, cached_rows, cached_values, bias_rows)
                        for layer, rows, connections, mask, cached_rows, cached_values, bias_rows
                        in zip(self.layers, compute, trainable, bias_masks, cached, values, self.bias_step_rows(lr)))
-        return layers, activations, deltas, scratch, frozen, record
+        return layers, tuple(activations), tuple(deltas), scratch, frozen, record
 
     def bias_step_rows(self, lr):
         """Per layer, the rows whose bias an SGD step at ``lr`` computes (``kernels.bias_step``): with lr > 0 finite,

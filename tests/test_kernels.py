@@ -607,9 +607,9 @@ def _masked_all(grads, activations):
 @settings(max_examples=60, deadline=None)
 @given(words=st.lists(st.integers(-2**31, 2**31 - 1), max_size=40), seed=seeds)
 def test_relu_and_its_mask_on_bits_are_the_float_definitions(words, seed):
-    """``_relu`` is ``0.0 if v < 0 else v`` and ``_masked`` is ``0.0 if a <= 0 else g``, bit for bit (through
-    ``_relu_bits``, ``_masked_bits`` and bitcasts), on any float32 bits: -0.0 kept by the ReLU and masked by the
-    mask, NaNs of either sign (and their payloads) kept; in a loop long enough to run vectorized."""
+    """``_relu`` is ``0.0 if v < 0 else v`` and ``_masked`` is ``0.0 if a <= 0 else g``, bit for bit (integer
+    operations on bitcasts), on any float32 bits: -0.0 kept by the ReLU and masked by the mask, NaNs of either
+    sign (and their payloads) kept; in a loop long enough to run vectorized."""
     bits = np.concatenate([np.array(words, np.int32), SPECIAL_FLOATS, NAN_PAYLOADS])
     bits = np.concatenate([bits, np.random.default_rng(seed).permutation(bits)])  # each word paired with others
     values = bits.view(np.float32)
